@@ -1,0 +1,80 @@
+"""The protocol every teacher backend implements, and the device-side top-k reduction.
+
+A backend (hf.py, exl2.py) owns a model and its tokenizer. The dump asks it for full-vocab logits
+of a right-padded batch and reduces them to top-k log-probabilities on the teacher's device with
+`topk_logprobs`, so only K ids and K log-probs per position ever cross to the CPU. The evaluator asks
+it to generate greedily.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class Generation:
+    """One greedy completion: the decoded text (stop string excluded) and how many tokens it took."""
+
+    text: str
+    new_tokens: int
+
+
+class Teacher(Protocol):
+    name: str  # what the manifest and reports call the model (a path or a hub-style name)
+    tokenizer: "object"  # a transformers PreTrainedTokenizerBase
+    fingerprint: str  # tokenizer_fingerprint(tokenizer)
+    vocab_size: int  # V: the last dim of logits(); logits are sliced to the tokenizer's vocabulary
+    device: torch.device
+
+    def logits(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Full-vocab next-token logits for a right-padded batch.
+
+        Args:
+            input_ids: int64 [B, T], right-padded; positions t >= lengths[b] are padding.
+            lengths: int64 [B], the true length of each row.
+        Returns:
+            float [B, T, V] on `self.device`; rows past `lengths` hold unspecified values.
+        """
+        ...
+
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str]) -> list[Generation]:
+        """Greedy continuations of already-formatted prompts, batched, stopping at EOS or any `stop` string."""
+        ...
+
+
+@dataclass
+class TopK:
+    """Top-k of a log-softmax, per position: ids int32 [..., K] and log-probs float32 [..., K],
+    sorted by descending probability; log-probs are normalised over the full vocabulary."""
+
+    idx: torch.Tensor
+    logp: torch.Tensor
+
+
+def topk_logprobs(logits: torch.Tensor, k: int, *, rows_per_chunk: int = 4096) -> TopK:
+    """Top-k token ids and their full-vocab log-probabilities, computed where `logits` live.
+
+    The log-softmax is taken in float32 a chunk of rows at a time so that a [B, T, V] half-precision
+    input never needs a full float32 copy of itself.
+
+    Args:
+        logits: float [..., V] (fp32, bf16 or fp16), on any device.
+        k: how many entries to keep, 1 <= k <= V.
+    Returns:
+        TopK with idx int32 [..., k] and logp float32 [..., k], on the same device as `logits`.
+    """
+    vocab = logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"top-k must be in [1, {vocab}] (the vocabulary size), got {k}")
+    flat = logits.reshape(-1, vocab)
+    idx = torch.empty(flat.shape[0], k, dtype=torch.int32, device=logits.device)
+    logp = torch.empty(flat.shape[0], k, dtype=torch.float32, device=logits.device)
+    for start in range(0, flat.shape[0], rows_per_chunk):
+        rows = flat[start:start + rows_per_chunk].float()
+        top_val, top_idx = rows.topk(k, dim=-1, sorted=True)
+        logp[start:start + rows_per_chunk] = top_val - rows.logsumexp(dim=-1, keepdim=True)
+        idx[start:start + rows_per_chunk] = top_idx.to(torch.int32)
+    shape = logits.shape[:-1] + (k,)
+    return TopK(idx=idx.reshape(shape), logp=logp.reshape(shape))

@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny real tokenizer (BPE trained here in a second) and a tiny random Llama saved
+as a local `from_pretrained` directory, so every test runs the real loading code on local files."""
+import random
+
+import pytest
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the a an of to and in is was for on that with as by at from it he she they we you his her their "
+    "has had have will would can could apples oranges books pencils dollars hours minutes miles cars "
+    "student teacher farmer baker store market school each every more less than twice half total how "
+    "many much does did buy sell give take left remain spend earn make cost price per week day year "
+    "question answer so therefore first then next finally"
+).split()
+
+
+def _training_text(n_lines=400, seed=0):
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(5, 15))]
+        words.insert(rng.randrange(len(words)), str(rng.randint(0, 999)))
+        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!"]))
+    lines += [f"{a} + {b} = {a + b}. {a} * {b} = {a * b}. #### {a - b}" for a in range(30) for b in range(0, 30, 7)]
+    return lines
+
+
+def build_tokenizer(out_dir, vocab_size=384):
+    """Trains a byte-level BPE tokenizer and saves it as a transformers tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_training_text(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def build_model(out_dir, tokenizer, *, layers=2, hidden=64, seed=0):
+    """A random-init Llama over `tokenizer`'s vocabulary, saved with save_pretrained (safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    # Random init gives near-uniform logits; a wider spread makes top-k order and tails meaningful.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    return build_model(out, AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
