@@ -12,3 +12,20 @@ def cli():
 
 def main():
     cli()
+
+
+@cli.command(
+    "train",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def train_command(args):
+    """Train a student on a teacher's top-k store (sparse KL). Same flags and code path as
+    scripts/train.py; `kdengine train --help` lists them. Under torchrun, use scripts/train.py."""
+    from kdengine.train import TrainError, main as train_main
+
+    try:
+        train_main(list(args), prog="kdengine train")
+    except TrainError as exc:
+        raise click.ClickException(str(exc)) from None

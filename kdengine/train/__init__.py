@@ -1,0 +1,23 @@
+"""Training a student against a top-k store: `main(argv)` is the one entry point behind both
+`scripts/train.py` and `kdengine train`; `make_student` builds a student from a teacher."""
+from __future__ import annotations
+
+from kdengine.train.errors import TrainError
+
+
+def main(argv: list[str] | None = None, prog: str = "scripts/train.py") -> dict:
+    """Parses training flags (see `--help`) and runs training.
+
+    Returns:
+        The last logged training metrics (empty on ranks other than 0).
+    Raises:
+        TrainError: a problem with the inputs found before or during setup (message says what to do).
+        SystemExit: bad flags or --help (argparse).
+    """
+    from kdengine.train.config import parse_config
+    from kdengine.train.loop import run
+
+    return run(parse_config(argv, prog))
+
+
+__all__ = ["TrainError", "main"]

@@ -93,8 +93,9 @@ class BatchSchedule:
             self._plans = {epoch: plan_batches(ids, lengths, budget, seed=self._seed, epoch=epoch)}
         return self._plans[epoch]
 
-    def batches(self, epoch: int, index: int) -> list[int]:
-        return self.plan(epoch)[index]
+    def batches_at(self, pos: "DataPosition") -> list[int]:
+        """Sample indices of the batch at `pos`."""
+        return self.plan(pos.epoch)[pos.index]
 
     def advance(self, pos: DataPosition, count: int) -> tuple[list[DataPosition], DataPosition]:
         """The next `count` global batch positions after `pos`, and the position after them."""

@@ -88,10 +88,12 @@ def wrap_model(module: torch.nn.Module, layers: torch.nn.ModuleList, info: DistI
 
 
 def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Sum of `values` over ranks (in place; returned for convenience)."""
-    if info.distributed:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
+    """Sum of `values` over ranks, on the device `values` came from (NCCL reduces on the GPU)."""
+    if not info.distributed:
+        return values
+    on_device = values.to(info.device)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device.to(values.device)
 
 
 def barrier(info: DistInfo) -> None:
