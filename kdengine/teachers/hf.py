@@ -152,7 +152,8 @@ class HFTeacher:
         results = []
         for row in range(len(encoded)):
             n_new = out.shape[1] - width if watch.finished_at[row] is None else watch.finished_at[row]
-            text = self.tokenizer.decode(out[row, width:width + n_new].tolist(), skip_special_tokens=True)
+            n_text = n_new - 1 if watch.ended_by_eos[row] else n_new  # an EOS id need not be a special token
+            text = self.tokenizer.decode(out[row, width:width + n_text].tolist(), skip_special_tokens=True)
             cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
             results.append(Generation(text=text[:cut], new_tokens=n_new))
         return results
@@ -172,7 +173,8 @@ class HFTeacher:
 
 class _StopWatch(StoppingCriteria):
     """A stopping criterion for `generate`: a row is finished when it emits an EOS id or its generated
-    text comes to contain a stop string; `finished_at[row]` records after how many new tokens."""
+    text comes to contain a stop string; `finished_at[row]` records after how many new tokens, and
+    `ended_by_eos[row]` whether the last of them is an EOS id."""
 
     def __init__(self, tokenizer, prompt_width: int, batch: int, eos_ids: Sequence[int], stop: Sequence[str]):
         self._tokenizer = tokenizer
@@ -183,6 +185,7 @@ class _StopWatch(StoppingCriteria):
         # last len(bytes) tokens; one more covers a character split across tokens
         self._window = max((len(s.encode("utf-8")) for s in self._stop), default=0) + 1
         self.finished_at: list[int | None] = [None] * batch
+        self.ended_by_eos = [False] * batch
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         n_new = input_ids.shape[1] - self._prompt_width
@@ -191,7 +194,9 @@ class _StopWatch(StoppingCriteria):
         for row, done in enumerate(self.finished_at):
             if done is not None:
                 continue
-            if last[row] in self._eos or (self._stop and self._contains_stop(tails[row])):
+            if last[row] in self._eos:
+                self.finished_at[row], self.ended_by_eos[row] = n_new, True
+            elif self._stop and self._contains_stop(tails[row]):
                 self.finished_at[row] = n_new
         return torch.tensor([f is not None for f in self.finished_at], device=input_ids.device)
 
