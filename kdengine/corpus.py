@@ -1,7 +1,8 @@
 """The corpus: a JSONL file, one sample per line, turned into the token ids the teacher reads and the
 positions whose next-token distribution the store keeps.
 
-Line formats (an optional "id", a string or an integer, names the sample; it defaults to the line number):
+Line formats (an optional "id", a string or an integer, names the sample; it defaults to the line
+number; other keys are ignored; blank lines are skipped):
 
     {"text": "..."}                              targets on every position
     {"prompt": "...", "response": "..."}         targets on the response
@@ -18,7 +19,7 @@ Token ids (see kdengine.teachers.encoding for the shared convention):
 - text: the tokenizer's special prefix (its BOS, if it adds one) + the text; positions 0 .. T-2.
 - prompt/response and question/answer, plain (chat=False): P = special prefix + tokens(prompt), which
   is exactly what `encode_prompt(..., chat=False)` gives the model at evaluation time; then the
-  response R, then EOS, so the student also learns to stop. R is the tail of tokens(prompt + response)
+  response R, then EOS (if the tokenizer has one), so the student also learns to stop. R is the tail of tokens(prompt + response)
   when tokens(prompt) is a prefix of it (the tokenization the model saw in pretraining; the usual case,
   since pre-tokenizers split before a leading space), else tokens(response) alone. Either way P is an
   exact token prefix. Targets: R and the EOS.
@@ -172,7 +173,8 @@ def tokenize_corpus(checked: CheckedCorpus, tokenizer, *, chat: bool = False, ma
         checked: from `check_corpus`.
         tokenizer: the teacher's tokenizer.
         chat: render prompt/response and question/answer through the chat template (one user turn, one
-            assistant turn) instead of concatenating them; messages always use the template.
+            assistant turn) instead of concatenating them; messages always use the template, text
+            never does.
         max_length: keep at most this many tokens of each sample (the start); positions whose target
             falls outside are dropped. None keeps everything.
         skip_bad_lines: a line the chat template cannot render consistently goes to `bad_lines`
@@ -372,7 +374,7 @@ def _encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], np.ndarray
             if message["role"] != "assistant":
                 continue
             prompt = encode_chat(tokenizer, messages[:turn], add_generation_prompt=True)
-            through = encode_chat(tokenizer, messages[:turn + 1])
+            through = full if turn == len(messages) - 1 else encode_chat(tokenizer, messages[:turn + 1])
             start, end = len(prompt), _turn_end(through, len(prompt), special)
             if full[:start] != prompt or through[:start] != prompt or full[:end] != through[:end]:
                 raise _BadLine(

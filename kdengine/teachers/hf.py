@@ -72,7 +72,9 @@ def load_hf_teacher(path: str | Path, *, device: str | torch.device = "cpu", dty
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise TeacherError(f"{path}: transformers cannot load a causal LM from it: {e}") from e
-    return HFTeacher(model.to(torch_device), tokenizer, name=str(Path(path).expanduser().resolve()))
+    if next(model.parameters()).device != torch_device:
+        model = model.to(torch_device)
+    return HFTeacher(model, tokenizer, name=str(Path(path).expanduser().resolve()))
 
 
 class HFTeacher:

@@ -23,6 +23,19 @@ def _load_hf(path, *, device, dtype, **opts) -> Teacher:
 BACKENDS: dict[str, Callable[..., Teacher]] = {"hf": _load_hf}
 
 
+def load_tokenizer(path: str | Path):
+    """A teacher's tokenizer without its weights (a model directory, an EXL2 directory, which carries
+    the HF tokenizer files, or a .gguf file), so a corpus can be tokenized and checked before the model
+    loads. It is the tokenizer `load_teacher(path).tokenizer` has, pad token included.
+
+    Raises:
+        TeacherError: the path is missing or not a model directory / .gguf file.
+    """
+    from kdengine.teachers.hf import load_tokenizer as hf_load_tokenizer
+
+    return hf_load_tokenizer(path)
+
+
 def load_teacher(path: str | Path, *, backend: str = "hf", device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "fp32", **backend_opts) -> Teacher:
     """Loads a teacher with the named backend.
