@@ -19,10 +19,10 @@ Token ids (see kdengine.teachers.encoding for the shared convention):
 - text: the tokenizer's special prefix (its BOS, if it adds one) + the text; positions 0 .. T-2.
 - prompt/response and question/answer, plain (chat=False): P = special prefix + tokens(prompt), which
   is exactly what `encode_prompt(..., chat=False)` gives the model at evaluation time; then the
-  response R, then EOS (if the tokenizer has one), so the student also learns to stop. R is the tail of tokens(prompt + response)
-  when tokens(prompt) is a prefix of it (the tokenization the model saw in pretraining; the usual case,
-  since pre-tokenizers split before a leading space), else tokens(response) alone. Either way P is an
-  exact token prefix. Targets: R and the EOS.
+  response R, then EOS (if the tokenizer has one), so the student also learns to stop. R is the tail
+  of tokens(prompt + response) when tokens(prompt) is a prefix of it (the tokenization the model saw
+  in pretraining; the usual case, since pre-tokenizers split before a leading space), else
+  tokens(response) alone. Either way P is an exact token prefix. Targets: R and the EOS.
 - prompt/response and question/answer with chat=True, and messages always: the conversation (one user
   turn + one assistant turn for the former) is rendered by the chat template and tokenized as
   `apply_chat_template` does. Each assistant turn's span runs from the end of the rendered prompt
