@@ -29,3 +29,24 @@ def train_command(args):
         train_main(list(args), prog="kdengine train")
     except TrainError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@cli.command("make-student")
+@click.option("--teacher", required=True, help="Teacher: a local HF model directory or a .gguf file.")
+@click.option("--layers", required=True, type=int, help="Decoder layers the student keeps (N).")
+@click.option("--layer-map", default="uniform", show_default=True,
+              help="Which teacher layers to copy: 'first' (0..N-1), 'uniform' (spread evenly, first and last "
+                   "included), or N comma-separated indices such as '0,4,8,12'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the student to.")
+def make_student_command(teacher, layers, layer_map, out):
+    """Initialise a shallower student from a teacher: the teacher's tokenizer, embeddings, final norm and
+    output head, and N of its decoder layers (saved with save_pretrained, safetensors)."""
+    from kdengine.teachers import TeacherError
+    from kdengine.train import TrainError
+    from kdengine.train.student import make_student
+
+    try:
+        ids = make_student(teacher, layers=layers, layer_map=layer_map, out=out)
+    except (TrainError, TeacherError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"student with {len(ids)} layers (teacher layers {','.join(map(str, ids))}) written to {out}")

@@ -4,6 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from click.testing import CliRunner
+
+from kdengine.cli import cli
 from kdengine.teachers import tokenizer_fingerprint
 from kdengine.train.errors import TrainError
 from kdengine.train.student import build_student, layer_indices, make_student
@@ -48,14 +51,16 @@ def test_layer_map_errors(layer_map, layers, message):
 def test_student_copies_the_chosen_layers(deep_teacher_dir, tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(deep_teacher_dir)
     tokenizer = AutoTokenizer.from_pretrained(deep_teacher_dir)
-    ids = make_student(teacher, tokenizer, layers=2, layer_map="1,3", out=str(tmp_path))
-    assert ids == [1, 3]
+    result = CliRunner().invoke(cli, ["make-student", "--teacher", str(deep_teacher_dir), "--layers", "2",
+                                      "--layer-map", "1,3", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "teacher layers 1,3" in result.output
 
     student = AutoModelForCausalLM.from_pretrained(tmp_path)
     assert student.config.num_hidden_layers == 2
     assert student.config.kdengine_layer_map == [1, 3]
     t_state, s_state = teacher.state_dict(), student.state_dict()
-    for j, i in enumerate(ids):
+    for j, i in enumerate([1, 3]):
         for name, value in teacher.model.layers[i].state_dict().items():
             assert torch.equal(s_state[f"model.layers.{j}.{name}"], value), name
     for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
@@ -77,8 +82,19 @@ def test_tied_embeddings_stay_tied(deep_teacher_dir, tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(deep_teacher_dir)
     teacher.config.tie_word_embeddings = True
     teacher.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(deep_teacher_dir)
-    make_student(teacher, tokenizer, layers=1, layer_map="uniform", out=str(tmp_path))
-    student = AutoModelForCausalLM.from_pretrained(tmp_path)
+    teacher.save_pretrained(tmp_path / "tied")
+    AutoTokenizer.from_pretrained(deep_teacher_dir).save_pretrained(tmp_path / "tied")
+    assert make_student(str(tmp_path / "tied"), layers=1, layer_map="uniform", out=str(tmp_path / "s")) == [0]
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
     assert student.lm_head.weight.data_ptr() == student.model.embed_tokens.weight.data_ptr()
     assert torch.equal(student.lm_head.weight, teacher.model.embed_tokens.weight)
+
+
+def test_cli_errors_are_one_line(deep_teacher_dir, tmp_path):
+    result = CliRunner().invoke(cli, ["make-student", "--teacher", str(deep_teacher_dir), "--layers", "9",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code != 0 and result.exception.__class__ is SystemExit
+    assert r"--layers must be in [1, 4] (the teacher's depth), got 9" in result.output
+    result = CliRunner().invoke(cli, ["make-student", "--teacher", str(tmp_path / "nope"), "--layers", "1",
+                                      "--out", str(tmp_path / "s")])
+    assert result.exit_code != 0 and "nope" in result.output and "Traceback" not in result.output

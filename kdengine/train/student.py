@@ -107,22 +107,24 @@ def _select_layers(state: dict, prefix: str, layer_ids: list[int]) -> dict:
     return out
 
 
-def make_student(teacher_model: torch.nn.Module, tokenizer, *, layers: int, layer_map: str, out: str) -> list[int]:
-    """Builds a student from a loaded teacher and saves it with its tokenizer (safetensors, HF layout).
+def make_student(teacher: str, *, layers: int, layer_map: str = "uniform", out: str) -> list[int]:
+    """Builds a student from a teacher and saves it with the teacher's tokenizer (safetensors, HF layout).
 
     Args:
-        teacher_model: the teacher as a transformers causal LM.
-        tokenizer: the teacher's tokenizer, saved alongside so the student passes the store's
-            tokenizer guard.
+        teacher: a local HF model directory or a .gguf file, loaded the way the dump loads teachers
+            (GGUF weights are dequantized to float32).
         layers, layer_map: see `layer_indices`.
         out: directory to write (created if missing).
     Returns:
         The teacher layer indices the student copied.
     Raises:
-        TrainError: see `layer_indices` and `build_student`.
+        TrainError: see `layer_indices` and `build_student`; TeacherError: the teacher cannot be loaded.
     """
-    ids = layer_indices(layer_map, layers, teacher_model.config.num_hidden_layers)
-    student = build_student(teacher_model, ids)
+    from kdengine.teachers.hf import load_hf_teacher
+
+    loaded = load_hf_teacher(teacher, device="cpu", dtype="fp32")
+    ids = layer_indices(layer_map, layers, loaded.model.config.num_hidden_layers)
+    student = build_student(loaded.model, ids)
     student.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    loaded.tokenizer.save_pretrained(out)
     return ids
