@@ -102,7 +102,7 @@ def _save(out, step, keep=2):
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
     return save_checkpoint(
-        out, TrainState(step=step, epoch=0, batch_index=step, world=1, config={"lr": 1.0}),
+        out, TrainState(step=step, epoch=0, batch_index=step, world=1, store_samples=9, config={"lr": 1.0}),
         write_model=lambda d: torch.save(model.state_dict(), d / "weights.pt"),
         optimizer_state=opt.state_dict(), scheduler_state={}, rng_states=[{}], keep=keep,
     )

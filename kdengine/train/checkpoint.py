@@ -7,7 +7,7 @@ A checkpoint directory is itself an HF model directory (config, model safetensor
       config.json, model.safetensors, tokenizer files ...   the student (HF layout)
       optimizer.pt        full (unsharded) optimizer state, keyed by parameter name
       trainer.pt          LR scheduler state and every rank's RNG states
-      trainer_state.json  step, data position, world size, run config (written last)
+      trainer_state.json  step, data position, world size, store size, run config (written last)
 
 It is written under a temporary name and renamed into place after every file is flushed to disk, so a
 run killed at any moment leaves either the complete checkpoint or none; a leftover temporary directory
@@ -37,12 +37,13 @@ _NEUTRAL_FIELDS = {"resume", "stop_after", "workers", "keep_checkpoints", "log_e
 @dataclass
 class TrainState:
     """Where a run stands: `step` optimizer steps done; the next global batch is `batch_index` of epoch
-    `epoch`; `world` processes; the run's config as a dict."""
+    `epoch`; `world` processes; the store had `store_samples` samples; the run's config as a dict."""
 
     step: int
     epoch: int
     batch_index: int
     world: int
+    store_samples: int
     config: dict
 
 

@@ -89,9 +89,10 @@ class Trainer:
             store_fingerprint=store.tokenizer_fingerprint,
             store_vocab=store.vocab_size,
         )
-        resume_from = self._resume_point()
+        resume_from = self._resume_point(len(store))
 
-        lengths = store.sample_lengths()
+        lengths = _sample_lengths(store)
+        self.store_samples = len(store)
         try:
             train_ids, self.eval_ids = split_heldout(len(store), cfg.eval_fraction, cfg.seed)
         except ValueError as exc:
@@ -121,7 +122,7 @@ class Trainer:
                 f"step {self.step} of {cfg.steps}"
             )
 
-    def _resume_point(self) -> Path | None:
+    def _resume_point(self, store_samples: int) -> Path | None:
         existing = ckpt_io.newest_checkpoint(self.out)
         if not self.cfg.resume:
             if existing is not None:
@@ -137,6 +138,10 @@ class Trainer:
             self._say(f"--resume: no checkpoint in {self.out}; starting from step 0")
             return None
         state = ckpt_io.read_train_state(existing)
+        if state.store_samples != store_samples:
+            raise TrainError(f"{existing} was trained on a store of {state.store_samples} samples, {self.cfg.store} "
+                             f"now has {store_samples}: the held-out split and batch order would change; "
+                             "resume with the original store or start a new --out")
         if state.step >= self.cfg.steps:
             raise TrainError(f"{existing} is at step {state.step}, already >= --steps {self.cfg.steps}; raise --steps to train further")
         return existing
@@ -331,7 +336,8 @@ class Trainer:
         if self.info.is_main:
             hf_state = {k.removeprefix("model."): v for k, v in model_state.items()}
             state = ckpt_io.TrainState(step=self.step, epoch=self.position.epoch, batch_index=self.position.index,
-                                       world=self.info.world, config=self.cfg.to_dict())
+                                       world=self.info.world, store_samples=self.store_samples,
+                                       config=self.cfg.to_dict())
             path = ckpt_io.save_checkpoint(
                 self.out, state, write_model=lambda d: self._write_hf(d, hf_state), optimizer_state=optim_state,
                 scheduler_state=self.scheduler.state_dict(), rng_states=rngs, keep=self.cfg.keep_checkpoints,
@@ -417,9 +423,25 @@ class _MetricsLog:
 def _open_store(path: str):
     if not Path(path).is_dir():
         raise TrainError(f"store {path} does not exist; make one with `kdengine dump --teacher TEACHER --data FILE --out {path}`")
-    from kdengine.store import open_store
+    from kdengine.store import StoreError, open_store
 
-    return open_store(path)
+    try:
+        store = open_store(path)
+    except StoreError as exc:
+        raise TrainError(f"store {path}: {exc}") from None
+    if not store.complete:
+        raise TrainError(f"store {path} is incomplete (its dump is running or was interrupted); re-run the same "
+                         "`kdengine dump` command to finish it: training needs a fixed set of samples")
+    if len(store) == 0:
+        raise TrainError(f"store {path} holds no samples")
+    return store
+
+
+def _sample_lengths(store) -> list[int]:
+    """Token count of every sample, from the shards' offset tables (no payload is decoded)."""
+    import numpy as np
+
+    return np.concatenate([np.diff(store.shard(s).token_offsets) for s in range(store.num_shards)]).tolist()
 
 
 def _loss_function(impl: str):
