@@ -1,0 +1,225 @@
+"""The trainer end to end on a real store dumped from the tiny Llama: learning, exact resume (stop and
+kill -9), two gloo processes against one, the tokenizer guard and the other setup errors."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kdengine.cli import cli
+from kdengine.store import open_store
+from kdengine.train import TrainError, main
+from kdengine.train.data import collate
+from kdengine.train.model import TargetLogits
+from kdengine.train.student import make_student
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = str(REPO / "scripts" / "train.py")
+WORDS = ("apples oranges books cost each dollars how many does she buy sell give left total week day more "
+         "less than twice half the a of to and in is was for on that with").split()
+BASE = ["--batch-tokens", "256", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--save-every", "0",
+        "--seed", "0", "--workers", "0", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory, tiny_model_dir):
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("kd_store")
+    with open(root / "corpus.jsonl", "w") as f:
+        for i in range(160):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 30))]
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 999)))
+            f.write(json.dumps({"text": " ".join(words).capitalize() + "."}) + "\n")
+    result = CliRunner().invoke(cli, ["dump", "--teacher", str(tiny_model_dir), "--data", str(root / "corpus.jsonl"),
+                                      "--out", str(root / "store"), "--top-k", "8", "--shard-samples", "64"])
+    assert result.exit_code == 0, result.output
+    return root / "store"
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("student")
+    make_student(str(tiny_model_dir), layers=1, layer_map="first", out=str(out))
+    return out
+
+
+def _args(student, store, out, *extra):
+    return ["--student", str(student), "--store", str(store), "--out", str(out), *BASE, *map(str, extra)]
+
+
+def _records(out, name="metrics"):
+    return [json.loads(line) for line in (Path(out) / f"{name}.jsonl").read_text().splitlines()]
+
+
+def _weights(directory):
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def _assert_same_weights(a, b, atol=1e-6):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], atol=atol, rtol=1e-5), key
+
+
+def test_targets_line_up_with_labels_and_logits(store_dir, student_dir):
+    store = open_store(store_dir)
+    batch = collate([store[i] for i in range(5)], pad_id=0)
+    flat = batch["input_ids"].flatten()
+    assert torch.equal(batch["labels"], flat[batch["rows"] + 1])
+    assert bool(batch["attention_mask"].flatten()[batch["rows"] + 1].all())
+    assert batch["targets"] == sum(store[i]["positions"].numel() for i in range(5)) == batch["rows"].numel()
+    model = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    with torch.no_grad():
+        ours = TargetLogits(model)(batch["input_ids"], batch["attention_mask"], batch["rows"])
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(ours, full.flatten(0, 1)[batch["rows"]], atol=1e-5)
+
+
+def test_training_lowers_heldout_kd_and_raises_agreement(store_dir, student_dir, tmp_path):
+    main(_args(student_dir, store_dir, tmp_path, "--steps", 30, "--eval-every", 15, "--eval-fraction", 0.1))
+    evals = _records(tmp_path, "eval")
+    assert [e["step"] for e in evals] == [0, 15, 30]
+    first, last = evals[0], evals[-1]
+    assert first["eval_samples"] == 16 and first["eval_targets"] > 100
+    assert last["eval_kd"] < 0.7 * first["eval_kd"], evals
+    assert last["eval_top1"] > first["eval_top1"] + 0.1, evals
+    metrics = _records(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, 31))
+    assert {"loss", "kd", "ce", "lr", "tokens_per_s", "peak_mem_mib", "data_wait"} <= metrics[0].keys()
+    final = tmp_path / "final"
+    assert AutoModelForCausalLM.from_pretrained(final).config.num_hidden_layers == 1
+    assert len(AutoTokenizer.from_pretrained(final)) == len(AutoTokenizer.from_pretrained(student_dir))
+
+
+@pytest.fixture(scope="module")
+def straight_run(store_dir, student_dir, tmp_path_factory):
+    """40 steps in one go, the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("straight")
+    main(_args(student_dir, store_dir, out, "--steps", 40, "--alpha", 0.5))
+    return out
+
+
+def test_stop_and_resume_is_exact(store_dir, student_dir, straight_run, tmp_path):
+    main(_args(student_dir, store_dir, tmp_path, "--steps", 40, "--alpha", 0.5, "--stop-after", 17))
+    assert not (tmp_path / "final").exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000017"]
+    main(_args(student_dir, store_dir, tmp_path, "--steps", 40, "--alpha", 0.5, "--resume"))
+    _assert_same_weights(straight_run / "final", tmp_path / "final")
+    straight, resumed = _records(straight_run), _records(tmp_path)
+    assert [r["step"] for r in resumed] == list(range(1, 41))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_kill_9_between_saves_then_resume(store_dir, student_dir, straight_run, tmp_path):
+    args = _args(student_dir, store_dir, tmp_path, "--steps", 40, "--alpha", 0.5, "--save-every", 5, "--workers", 2)
+    proc = subprocess.Popen([sys.executable, TRAIN_SCRIPT, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpts = tmp_path / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (tmp_path / "final").exists()
+    killed_at = max(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("step-"))
+    assert killed_at < 40
+    main(_args(student_dir, store_dir, tmp_path, "--steps", 40, "--alpha", 0.5, "--save-every", 5, "--resume"))
+    _assert_same_weights(straight_run / "final", tmp_path / "final")
+    assert [r["loss"] for r in _records(tmp_path)] == pytest.approx([r["loss"] for r in _records(straight_run)], rel=1e-6)
+
+
+def _torchrun(args, nproc):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+           TRAIN_SCRIPT, *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one(store_dir, student_dir, tmp_path, mode):
+    common = ["--steps", 6, "--batch-tokens", 128, "--alpha", 0.5]
+    main(_args(student_dir, store_dir, tmp_path / "one", *common, "--grad-accum", 2))
+    extra = ["--fsdp"] if mode == "fsdp" else []
+    _torchrun(_args(student_dir, store_dir, tmp_path / "two", *common, *extra), nproc=2)
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert [r["targets"] for r in two] == [r["targets"] for r in one]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final", atol=1e-5)
+
+
+def _cli_train(*args):
+    return CliRunner().invoke(cli, ["train", *map(str, args)])
+
+
+def test_missing_store_and_student_fail_before_any_step(store_dir, student_dir, tmp_path):
+    result = _cli_train(*_args(student_dir, tmp_path / "no-store", tmp_path / "run"))
+    assert result.exit_code == 1
+    assert f"store {tmp_path / 'no-store'} does not exist; make one with `kdengine dump" in result.output
+    result = _cli_train(*_args(tmp_path / "no-student", store_dir, tmp_path / "run"))
+    assert result.exit_code == 1
+    assert f"student {tmp_path / 'no-student'} does not exist; make one with `kdengine make-student" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_tokenizer_mismatch_fails_before_any_step(store_dir, tmp_path):
+    from conftest import build_model, build_tokenizer
+
+    other = build_model(tmp_path / "other", build_tokenizer(tmp_path / "tok", vocab_size=300))
+    with pytest.raises(TrainError, match=f"tokenizer mismatch: student {other} has tokenizer fingerprint"):
+        main(_args(other, store_dir, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_student_vocab_smaller_than_teacher_ids_fails(store_dir, student_dir, tmp_path):
+    small = AutoModelForCausalLM.from_pretrained(student_dir)
+    teacher_vocab = open_store(store_dir).vocab_size
+    small.resize_token_embeddings(teacher_vocab - 10)
+    small.save_pretrained(tmp_path / "small")
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(tmp_path / "small")
+    result = _cli_train(*_args(tmp_path / "small", store_dir, tmp_path / "run"))
+    assert result.exit_code == 1
+    assert (f"has {teacher_vocab - 10} output rows, but store {store_dir} holds teacher ids up to "
+            f"{teacher_vocab - 1} (teacher vocab {teacher_vocab})") in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_padded_student_vocab_is_accepted(store_dir, student_dir, tmp_path):
+    padded = AutoModelForCausalLM.from_pretrained(student_dir)
+    padded.resize_token_embeddings(open_store(store_dir).vocab_size + 13)
+    padded.save_pretrained(tmp_path / "padded")
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(tmp_path / "padded")
+    main(_args(tmp_path / "padded", store_dir, tmp_path / "run", "--steps", 2))
+    assert len(_records(tmp_path / "run")) == 2
+
+
+def test_existing_run_needs_resume(store_dir, student_dir, tmp_path):
+    main(_args(student_dir, store_dir, tmp_path, "--steps", 2))
+    with pytest.raises(TrainError, match="already holds checkpoints .*pass --resume"):
+        main(_args(student_dir, store_dir, tmp_path, "--steps", 2))
+    with pytest.raises(TrainError, match="already >= --steps 2; raise --steps"):
+        main(_args(student_dir, store_dir, tmp_path, "--steps", 2, "--resume"))
+
+
+def test_cli_and_script_share_flags():
+    script = subprocess.run([sys.executable, TRAIN_SCRIPT, "--help"], capture_output=True, text=True, check=True)
+    command = CliRunner().invoke(cli, ["train", "--help"])
+    assert command.exit_code == 0
+    assert command.output.replace("kdengine train", "scripts/train.py") == script.stdout
+    for flag in ("--student", "--store", "--out", "--steps", "--lr", "--batch-tokens", "--alpha", "--temperature",
+                 "--tail", "--eval-every", "--save-every", "--log-every", "--seed", "--resume", "--fsdp"):
+        assert flag in script.stdout
