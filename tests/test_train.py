@@ -143,7 +143,7 @@ def test_kill_9_between_saves_then_resume(store_dir, student_dir, straight_run, 
 
 def _torchrun(args, nproc):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            TRAIN_SCRIPT, *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -219,7 +219,9 @@ def test_cli_and_script_share_flags():
     script = subprocess.run([sys.executable, TRAIN_SCRIPT, "--help"], capture_output=True, text=True, check=True)
     command = CliRunner().invoke(cli, ["train", "--help"])
     assert command.exit_code == 0
-    assert command.output.replace("kdengine train", "scripts/train.py") == script.stdout
+    assert command.output.startswith("usage: kdengine train ")
+    # Past the usage block (wrapped to the program name's width) the two help texts are the same.
+    assert command.output.split("\n\n", 1)[1] == script.stdout.split("\n\n", 1)[1]
     for flag in ("--student", "--store", "--out", "--steps", "--lr", "--batch-tokens", "--alpha", "--temperature",
                  "--tail", "--eval-every", "--save-every", "--log-every", "--seed", "--resume", "--fsdp"):
         assert flag in script.stdout

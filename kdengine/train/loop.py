@@ -182,6 +182,7 @@ class Trainer:
         logged = {}
         while self.step < last_step:
             log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == last_step
+            step_start = time.perf_counter()
             micro = []
             for _ in range(accum):
                 t0 = time.perf_counter()
@@ -201,6 +202,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             window.targets += targets
+            window.busy += time.perf_counter() - step_start
             progress.update(1)
             if log_now:
                 logged = self._log_train(sums, targets, lr, grad_norm, window)
@@ -306,7 +308,7 @@ class Trainer:
     def _log_train(self, sums: torch.Tensor, targets: float, lr: float, grad_norm: torch.Tensor, window: "_Window") -> dict:
         sums = all_reduce_sum(sums, self.info).cpu()
         tokens = all_reduce_sum(torch.tensor(float(window.tokens)), self.info).item()
-        elapsed = time.perf_counter() - window.start
+        elapsed = max(window.busy, 1e-9)  # training steps only: evaluation and checkpoint time excluded
         n = max(targets, 1.0)
         record = {
             "step": self.step,
@@ -380,10 +382,10 @@ class _RankKeys:
 
 
 class _Window:
-    """Counters since the last log line."""
+    """Counters since the last log line; `busy` is the wall time of the training steps themselves."""
 
     def __init__(self):
-        self.start = time.perf_counter()
+        self.busy = 0.0
         self.data_wait = 0.0
         self.tokens = 0
         self.targets = 0.0
