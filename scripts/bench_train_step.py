@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Training-step throughput with the compiled sparse KL kernel vs the pure-torch reference loss.
+
+Same student, store, batches and flags; only `--loss-impl` differs. Runs alternate (kernel, reference,
+kernel, reference, ...) so that load on a shared machine hits both alike; each run is its own process so
+its peak memory is its own. Reports target tokens/s and input tokens/s per training step (median over
+steps after the first), peak memory, and the ratio.
+
+Prerequisites: a student and a store, e.g. from scripts/kd_quality.py (logs/kd_quality/student, store).
+    python scripts/bench_train_step.py --student logs/kd_quality/student --store logs/kd_quality/store
+Writes the table to scripts/results/train_step_throughput.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--student", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--results", default=str(REPO / "scripts" / "results" / "train_step_throughput.md"))
+    args = p.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            for impl in ("kernel", "reference"):
+                out = Path(tmp) / f"{impl}-{rep}"
+                cmd = [sys.executable, str(REPO / "scripts" / "train.py"), "--student", args.student, "--store",
+                       args.store, "--out", str(out), "--steps", str(args.steps), "--batch-tokens",
+                       str(args.batch_tokens), "--loss-impl", impl, "--log-every", "1", "--eval-every", "0",
+                       "--save-every", "0", "--workers", "1", "--keep-checkpoints", "1"]
+                print("+", " ".join(cmd), flush=True)
+                subprocess.run(cmd, check=True, cwd=REPO, stderr=subprocess.DEVNULL)
+                steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
+                rows.append({
+                    "impl": impl, "repeat": rep,
+                    "targets_per_s": statistics.median(s["targets_per_s"] for s in steps),
+                    "tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps),
+                    "data_wait": statistics.median(s["data_wait"] for s in steps),
+                    "peak_mem_mib": max(s["peak_mem_mib"] for s in steps),
+                    "targets_per_step": statistics.mean(s["targets"] for s in steps),
+                })
+                print(rows[-1], flush=True)
+    _report(args, rows)
+
+
+def _report(args, rows) -> None:
+    lines = [
+        "# Training-step throughput: compiled sparse KL vs pure-torch reference (scripts/bench_train_step.py)",
+        "",
+        f"Student {args.student}, store {args.store}; --batch-tokens {args.batch_tokens}, {args.steps} steps per run "
+        "(medians over steps 2..), fp32 on CPU, runs alternated; peak memory is the process's peak RSS.",
+        "",
+        "| loss | run | target tok/s | input tok/s | data wait | peak RSS (MiB) | targets/step |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['impl']} | {r['repeat'] + 1} | {r['targets_per_s']:.1f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['data_wait']:.3f} | {r['peak_mem_mib']:.0f} | {r['targets_per_step']:.0f} |")
+    for rep in range(args.repeats):
+        k, ref = (next(r for r in rows if r["impl"] == i and r["repeat"] == rep) for i in ("kernel", "reference"))
+        lines.append("")
+        lines.append(f"Run {rep + 1}: kernel / reference throughput = {k['targets_per_s'] / ref['targets_per_s']:.2f}x, "
+                     f"peak RSS {k['peak_mem_mib']:.0f} vs {ref['peak_mem_mib']:.0f} MiB.")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
