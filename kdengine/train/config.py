@@ -68,31 +68,40 @@ def build_parser(prog: str = "scripts/train.py") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--student", metavar="DIR", required=True, help="student: a local HF causal-LM directory (see `kdengine make-student`)")
+    io.add_argument("--student", metavar="DIR", required=True,
+                    help="student: a local HF causal-LM directory (see `kdengine make-student`)")
     io.add_argument("--store", metavar="DIR", required=True, help="top-k store directory written by `kdengine dump`")
-    io.add_argument("--out", metavar="DIR", required=True, help="run directory: metrics.jsonl, eval.jsonl, checkpoints/, final/")
+    io.add_argument("--out", metavar="DIR", required=True,
+                    help="run directory: metrics.jsonl, eval.jsonl, checkpoints/, final/")
     io.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
 
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--steps", metavar="N", type=int, default=d.steps, help="optimizer steps in the whole run (default %(default)s)")
-    opt.add_argument("--lr", metavar="X", type=float, default=d.lr, help="peak AdamW learning rate (default %(default)s)")
+    opt.add_argument("--steps", metavar="N", type=int, default=d.steps,
+                     help="optimizer steps in the whole run (default %(default)s)")
+    opt.add_argument("--lr", metavar="X", type=float, default=d.lr,
+                     help="peak AdamW learning rate (default %(default)s)")
     opt.add_argument("--min-lr-ratio", metavar="X", type=float, default=d.min_lr_ratio,
                      help="cosine decay ends at lr * this (default %(default)s)")
-    opt.add_argument("--warmup-steps", metavar="N", type=int, default=None, help="linear warmup steps (default: 5%% of --steps)")
-    opt.add_argument("--weight-decay", metavar="X", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
+    opt.add_argument("--warmup-steps", metavar="N", type=int, default=None,
+                     help="linear warmup steps (default: 5%% of --steps)")
+    opt.add_argument("--weight-decay", metavar="X", type=float, default=d.weight_decay,
+                     help="AdamW weight decay on matrices (default %(default)s)")
     opt.add_argument("--max-grad-norm", metavar="X", type=float, default=d.max_grad_norm,
                      help="clip the global gradient norm to this; 0 disables (default %(default)s)")
     opt.add_argument("--batch-tokens", metavar="N", type=int, default=d.batch_tokens,
-                     help="padded tokens (batch size x longest sample) per micro-batch per process (default %(default)s)")
+                     help="padded tokens (batch size x longest sample) per micro-batch per process "
+                     "(default %(default)s)")
     opt.add_argument("--grad-accum", metavar="N", type=int, default=d.grad_accum,
                      help="micro-batches per process per optimizer step (default %(default)s)")
-    opt.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    opt.add_argument("--grad-checkpointing", action="store_true",
+                     help="recompute activations in backward to save memory")
 
     loss = p.add_argument_group("loss")
     loss.add_argument("--alpha", metavar="X", type=float, default=d.alpha,
                       help="loss = alpha * KD + (1 - alpha) * CE on the next token; 1 = pure KD, 0 = plain CE "
                       "(default %(default)s)")
-    loss.add_argument("--temperature", metavar="X", type=float, default=d.temperature, help="KD temperature (default %(default)s)")
+    loss.add_argument("--temperature", metavar="X", type=float, default=d.temperature,
+                      help="KD temperature (default %(default)s)")
     loss.add_argument("--tail", action="store_true",
                       help="add the teacher's probability mass outside its top-k as one extra KL bucket")
     loss.add_argument("--loss-impl", choices=["kernel", "reference"], default=d.loss_impl,
@@ -109,15 +118,18 @@ def build_parser(prog: str = "scripts/train.py") -> argparse.ArgumentParser:
                      help="checkpoint every N steps; one is always written at the end (default %(default)s)")
     run.add_argument("--keep-checkpoints", metavar="N", type=int, default=d.keep_checkpoints,
                      help="how many of the newest checkpoints to keep; 0 keeps all (default %(default)s)")
-    run.add_argument("--log-every", metavar="N", type=int, default=d.log_every, help="log every N steps (default %(default)s)")
+    run.add_argument("--log-every", metavar="N", type=int, default=d.log_every,
+                     help="log every N steps (default %(default)s)")
     run.add_argument("--stop-after", metavar="STEP", type=int, default=None,
                      help="stop after this global step with a checkpoint, keeping the schedule of --steps "
                      "(for jobs with a wall-time limit; continue with --resume)")
 
     misc = p.add_argument_group("misc")
-    misc.add_argument("--seed", metavar="N", type=int, default=d.seed, help="seed for shuffling, the held-out split and init (default %(default)s)")
+    misc.add_argument("--seed", metavar="N", type=int, default=d.seed,
+                      help="seed for shuffling, the held-out split and init (default %(default)s)")
     misc.add_argument("--workers", metavar="N", type=int, default=d.workers,
-                      help="DataLoader worker processes per training process for store decoding (default %(default)s)")
+                      help="DataLoader worker processes per training process for store decoding "
+                      "(default %(default)s)")
     misc.add_argument("--fsdp", action="store_true",
                       help="shard the student with FSDP (fully_shard per decoder layer) instead of DDP")
     return p

@@ -36,7 +36,9 @@ def split_heldout(n_samples: int, fraction: float, seed: int) -> tuple[list[int]
     return sorted(order[n_eval:]), sorted(order[:n_eval])
 
 
-def plan_batches(ids: list[int], lengths: list[int], batch_tokens: int, *, seed: int | None, epoch: int = 0) -> list[list[int]]:
+def plan_batches(
+    ids: list[int], lengths: list[int], batch_tokens: int, *, seed: int | None, epoch: int = 0
+) -> list[list[int]]:
     """Groups sample indices into batches whose padded size (count x longest) fits `batch_tokens`.
 
     Args:
@@ -108,7 +110,9 @@ class BatchSchedule:
             index += 1
         return taken, DataPosition(epoch, index)
 
-    def rank_positions(self, start: DataPosition, steps: int, world: int, accum: int, rank: int) -> Iterator[DataPosition]:
+    def rank_positions(
+        self, start: DataPosition, steps: int, world: int, accum: int, rank: int
+    ) -> Iterator[DataPosition]:
         """Positions rank `rank` reads, in order, for `steps` optimizer steps from `start`: of the
         world x accum batches of each step, micro-batch a of rank r is batch a * world + r."""
         pos = start

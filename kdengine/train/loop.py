@@ -106,7 +106,8 @@ class Trainer:
         self.hf_model = load_student(resume_from or cfg.student, grad_checkpointing=cfg.grad_checkpointing)
         self.hf_model.to(info.device)
         head = TargetLogits(self.hf_model)
-        head.check_matches_full_forward(torch.as_tensor(store[train_ids[0]]["input_ids"][:16], device=info.device)[None].long())
+        probe = store[train_ids[0]]["input_ids"][:16].long()
+        head.check_matches_full_forward(probe[None].to(info.device))
         self.module = wrap_model(head, decoder_layers(self.hf_model), info, fsdp=cfg.fsdp)
         self.module.train()
         self.optimizer = build_optimizer(self.module, cfg)
@@ -118,7 +119,7 @@ class Trainer:
             self._metrics = _MetricsLog(self.out, keep_through_step=self.step if resume_from else None)
             self._say(
                 f"{len(train_ids)} training samples, {len(self.eval_ids)} held out (seed {cfg.seed}); "
-                f"{info.world} process(es) on {info.device.type}, {'FSDP' if cfg.fsdp and info.distributed else 'DDP' if info.distributed else 'single'}; "
+                f"{info.world} process(es) on {info.device.type}{self._parallelism()}; "
                 f"step {self.step} of {cfg.steps}"
             )
 
@@ -143,7 +144,8 @@ class Trainer:
                              f"now has {store_samples}: the held-out split and batch order would change; "
                              "resume with the original store or start a new --out")
         if state.step >= self.cfg.steps:
-            raise TrainError(f"{existing} is at step {state.step}, already >= --steps {self.cfg.steps}; raise --steps to train further")
+            raise TrainError(f"{existing} is at step {state.step}, already >= --steps {self.cfg.steps}; "
+                             "raise --steps to train further")
         return existing
 
     def _load_training_state(self, path: Path) -> None:
@@ -290,7 +292,8 @@ class Trainer:
             if j >= len(mine) or b["targets"] == 0:
                 continue
             teacher_top1 = b["topk_idx"].gather(1, b["topk_logp"].argmax(1, keepdim=True)).squeeze(1).long()
-            sums[0] += float(self.loss_fn(logits, b["topk_idx"], b["topk_logp"], None, tail=self.cfg.tail, reduction="sum"))
+            kd = self.loss_fn(logits, b["topk_idx"], b["topk_logp"], None, tail=self.cfg.tail, reduction="sum")
+            sums[0] += float(kd)
             sums[1] += float((logits.argmax(-1) == teacher_top1).sum())
             sums[2] += b["targets"]
         self.module.train()
@@ -303,9 +306,12 @@ class Trainer:
         result = self.evaluate()
         if self.info.is_main:
             self._metrics.eval({"step": self.step, **result})
-            self._say(f"step {self.step}: held-out KD {result['eval_kd']:.4f}, top-1 agreement {result['eval_top1']:.3f}")
+            self._say(f"step {self.step}: held-out KD {result['eval_kd']:.4f}, "
+                      f"top-1 agreement {result['eval_top1']:.3f}")
 
-    def _log_train(self, sums: torch.Tensor, targets: float, lr: float, grad_norm: torch.Tensor, window: "_Window") -> dict:
+    def _log_train(
+        self, sums: torch.Tensor, targets: float, lr: float, grad_norm: torch.Tensor, window: "_Window"
+    ) -> dict:
         sums = all_reduce_sum(sums, self.info).cpu()
         tokens = all_reduce_sum(torch.tensor(float(window.tokens)), self.info).item()
         elapsed = max(window.busy, 1e-9)  # training steps only: evaluation and checkpoint time excluded
@@ -329,7 +335,9 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _save(self, *, final: bool) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+        )
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.module, options=opts)
@@ -357,6 +365,11 @@ class Trainer:
     def _write_hf(self, directory: Path, state: dict) -> None:
         self.hf_model.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
+
+    def _parallelism(self) -> str:
+        if not self.info.distributed:
+            return ""
+        return ", FSDP" if self.cfg.fsdp else ", DDP"
 
     def cleanup(self) -> None:
         if self._metrics is not None:
@@ -403,7 +416,8 @@ class _MetricsLog:
             if keep_through_step is None:
                 path.write_text("")
             elif path.exists():
-                kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= keep_through_step]
+                lines = path.read_text().splitlines()
+                kept = [ln for ln in lines if ln and json.loads(ln)["step"] <= keep_through_step]
                 path.write_text("".join(ln + "\n" for ln in kept))
             self._files[name] = path.open("a")
 
@@ -424,7 +438,8 @@ class _MetricsLog:
 
 def _open_store(path: str):
     if not Path(path).is_dir():
-        raise TrainError(f"store {path} does not exist; make one with `kdengine dump --teacher TEACHER --data FILE --out {path}`")
+        raise TrainError(f"store {path} does not exist; make one with "
+                         f"`kdengine dump --teacher TEACHER --data FILE --out {path} --top-k 64`")
     from kdengine.store import StoreError, open_store
 
     try:
