@@ -25,7 +25,7 @@ from kdengine.train.data import BatchSchedule, DataPosition, collate, plan_batch
 from kdengine.train.distributed import all_reduce_sum, barrier, gather_objects, init_distributed, shutdown, wrap_model
 from kdengine.train.errors import TrainError
 from kdengine.train.guard import check_student_matches_store
-from kdengine.train.model import TargetLogits, check_student_dir, decoder_layers, load_student
+from kdengine.train.model import TargetLogits, check_student_dir, decoder_layers, load_student, tied_aliases
 from kdengine.train.optim import build_optimizer, build_scheduler
 
 
@@ -105,6 +105,7 @@ class Trainer:
 
         self.hf_model = load_student(resume_from or cfg.student, grad_checkpointing=cfg.grad_checkpointing)
         self.hf_model.to(info.device)
+        self._tied = tied_aliases(self.hf_model)
         head = TargetLogits(self.hf_model)
         probe = store[train_ids[0]]["input_ids"][:16].long()
         head.check_matches_full_forward(probe[None].to(info.device))
@@ -345,6 +346,7 @@ class Trainer:
         rngs = gather_objects(ckpt_io.rng_state(), self.info)
         if self.info.is_main:
             hf_state = {k.removeprefix("model."): v for k, v in model_state.items()}
+            hf_state = {k: v for k, v in hf_state.items() if k not in self._tied}
             state = ckpt_io.TrainState(step=self.step, epoch=self.position.epoch, batch_index=self.position.index,
                                        world=self.info.world, store_samples=self.store_samples,
                                        config=self.cfg.to_dict())

@@ -44,6 +44,21 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise TrainError(f"cannot find the decoder layers of {type(model).__name__} (no ModuleList of length {depth})")
 
 
+def tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that are the same tensor as an earlier parameter (a tied output head).
+
+    Sharded state dicts gather each name into its own tensor, so without this list a tied head would be
+    saved twice."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases.add(name)
+        else:
+            first[id(param)] = name
+    return aliases
+
+
 class TargetLogits(torch.nn.Module):
     """Student logits at selected positions only: decoder -> gather rows -> output head.
 
