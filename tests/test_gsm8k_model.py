@@ -39,3 +39,30 @@ def test_chat_without_a_template_is_an_actionable_error(tiny_tokenizer_dir):
     tokenizer.chat_template = None
     with pytest.raises(EvalError, match="run with --no-chat"):
         build_prompts(["q"], chat=True, tokenizer=tokenizer)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_inputs_are_checked_before_the_model_is_loaded(tmp_path):
+    data = _write_jsonl(tmp_path / "data.jsonl", [{"question": "q", "answer": "#### 1"}, {"question": "q"}])
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"question": "q", "answer": "#### 1"}])
+    shots = _write_jsonl(tmp_path / "shots.jsonl", [{"question": "q", "answer": "no marker"}])
+    missing_model = str(tmp_path / "no-such-model")
+    runner = CliRunner()
+
+    result = runner.invoke(cli, ["eval", "gsm8k", "--model", missing_model, "--data", str(data),
+                                 "--log-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "data.jsonl:2: missing field 'answer'" in result.output
+    result = runner.invoke(cli, ["eval", "gsm8k", "--model", missing_model, "--data", str(good),
+                                 "--fewshot", str(shots), "--log-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "shots.jsonl:1: the answer has no '####'" in result.output
+    assert not (tmp_path / "run").exists()
+
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "report.json").write_text("{}")
+    result = runner.invoke(cli, ["eval", "gsm8k", "--model", missing_model, "--data", str(good),
+                                 "--log-dir", str(tmp_path / "used")])
+    assert result.exit_code == 1 and "already holds report.json" in result.output
