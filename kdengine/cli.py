@@ -23,9 +23,9 @@ def eval_group():
 @eval_group.command("gsm8k")
 @click.option("--responses", type=click.Path(exists=True, dir_okay=False),
               help="Score this JSONL of existing outputs (fields: question, answer with '#### N', response); no model.")
-@click.option("--model", help="Generate answers with this model: a local from_pretrained directory or GGUF file.")
-@click.option("--backend", type=click.Choice(["hf"]), default="hf", show_default=True,
-              help="Teacher backend that loads --model.")
+@click.option("--model", help="Generate answers with this model: a local from_pretrained directory or .gguf file.")
+@click.option("--backend", default="hf", show_default=True,
+              help="Teacher backend that loads --model: hf (transformers; a directory or a .gguf file).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="With --model: JSONL of GSM8K problems (fields: question, answer with '#### N').")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N problems of --data.")
@@ -40,8 +40,10 @@ def eval_group():
 @click.option("--log-dir", type=click.Path(file_okay=False),
               help="Where report.json, report.md and manual_review.jsonl go "
                    "[default: logs/gsm8k-<model or file name>-<UTC timestamp>/].")
-@click.option("--device", help="Device for the model (e.g. cpu, cuda, cuda:1) [default: the backend's choice].")
-@click.option("--dtype", help="Model weights dtype (e.g. float32, bfloat16) [default: the backend's choice].")
+@click.option("--device", help="Device for the model: cpu, cuda or cuda:N [default: cuda if available, else cpu].")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Dtype the weights are loaded in (GGUF weights are dequantized to it) "
+                   "[default: bf16 on cuda, fp32 on cpu].")
 @click.pass_context
 def eval_gsm8k(ctx, responses, model, log_dir, **model_options):
     """Score GSM8K answers with the ordered extraction cascade (boxed, first line, answer phrase,

@@ -6,17 +6,21 @@ Prompts follow lm-evaluation-harness's `gsm8k` task so numbers stay comparable:
 - chat (`chat=True`): the tokenizer's chat template over alternating turns, user "Question:
   {q}\\nAnswer:" and assistant "{a}" for each few-shot example, then the question as the last user
   turn, with the generation prompt added (the harness's --apply_chat_template --fewshot_as_multiturn).
+  These prompts are token ids (`teachers.encode_chat`), so the template's own BOS is not doubled.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from tqdm import tqdm
 
 from kdengine.evals.data import Problem
 from kdengine.evals.gsm8k import EvalError
+
+if TYPE_CHECKING:  # kdengine.teachers imports torch, which scoring a responses file never needs
+    from kdengine.teachers.base import Prompt
 
 STOP = ("Question:",)
 
@@ -35,8 +39,8 @@ class GenerationRun:
 
 
 def build_prompts(questions: Sequence[str], fewshot: Sequence[Problem] = (), *, chat: bool = False,
-                  tokenizer=None) -> list[str]:
-    """One prompt string per question (formats in the module docstring).
+                  tokenizer=None) -> list[Prompt]:
+    """One prompt per question (formats in the module docstring): a string, or token ids with `chat`.
 
     Args:
         questions: the GSM8K questions.
@@ -52,16 +56,18 @@ def build_prompts(questions: Sequence[str], fewshot: Sequence[Problem] = (), *, 
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise EvalError("--chat needs a tokenizer with a chat template and this model's has none; "
                         "run with --no-chat (plain 'Question: ...\\nAnswer:' prompts)")
+    from kdengine.teachers.encoding import encode_chat
+
     turns = []
     for shot in fewshot:
         turns += [{"role": "user", "content": f"Question: {shot.question}\nAnswer:"},
                   {"role": "assistant", "content": shot.answer}]
-    return [tokenizer.apply_chat_template(turns + [{"role": "user", "content": f"Question: {question}\nAnswer:"}],
-                                          tokenize=False, add_generation_prompt=True)
+    return [encode_chat(tokenizer, turns + [{"role": "user", "content": f"Question: {question}\nAnswer:"}],
+                        add_generation_prompt=True)
             for question in questions]
 
 
-def generate_all(teacher, prompts: Sequence[str], *, batch_size: int, max_new_tokens: int,
+def generate_all(teacher, prompts: Sequence[Prompt], *, batch_size: int, max_new_tokens: int,
                  stop: Sequence[str] = STOP, progress: bool = True) -> GenerationRun:
     """Greedy completions of `prompts`, `batch_size` at a time, with a tqdm bar showing tokens/s.
 
@@ -71,7 +77,7 @@ def generate_all(teacher, prompts: Sequence[str], *, batch_size: int, max_new_to
     Args:
         teacher: an object with `generate(prompts, max_new_tokens=, stop=) -> list[Generation]`
             (kdengine.teachers.base.Teacher).
-        prompts: formatted prompts (build_prompts).
+        prompts: formatted prompts, text or token ids (build_prompts).
         batch_size: prompts per generate call.
         max_new_tokens: the cap on each completion's length.
         stop: strings that end a completion (not included in its text).

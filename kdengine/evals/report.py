@@ -96,12 +96,12 @@ def write_report(log_dir: Path, report: dict, problems: Sequence[Problem]) -> No
 
 def render_markdown(report: dict) -> str:
     """report.md: headline accuracy, run settings, the rule table, the harness comparison, the items
-    that need manual review and the first few wrong items."""
+    that need manual review, the first few wrong items and (model mode) the first prompt."""
     items = report["items"]
     lines = [f"# GSM8K: {report.get('model') or report.get('responses_file', 'responses')}", "",
              f"**Accuracy: {report['accuracy']:.2%}** ({report['correct']} / {report['n']})", ""]
     settings = {k: v for k, v in report.items()
-                if k not in ("accuracy", "n", "correct", "rules", "lm_eval", "items")}
+                if k not in ("accuracy", "n", "correct", "rules", "lm_eval", "items", "first_prompt")}
     if settings:
         lines += ["| setting | value |", "|---|---|"]
         lines += [f"| {key} | {_cell(value)} |" for key, value in settings.items()]
@@ -127,6 +127,8 @@ def render_markdown(report: dict) -> str:
     for item in wrong:
         lines += [f"### item {item['index']}: reference {_text(item['reference'])}, "
                   f"predicted {_text(item['prediction'])} (`{item['rule']}`)", "", *_quote(item["response"])]
+    if "first_prompt" in report:
+        lines += ["## Prompt of item 0", "", *_quote(report["first_prompt"])]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kdengine.evals.data import read_problems
 from kdengine.evals.generation import STOP, build_prompts, generate_all
+from kdengine.evals.gsm8k import EvalError
 from kdengine.evals.report import build_report, check_log_dir, write_report
 
 
@@ -49,7 +50,9 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
     Args:
         model: what `kdengine.teachers.load_teacher` loads (a from_pretrained dir or a GGUF file).
         data: JSONL of GSM8K `question`/`answer` lines.
-        backend, device, dtype: passed to load_teacher.
+        backend: the teacher backend (kdengine.teachers.BACKENDS).
+        device: "cpu", "cuda" or "cuda:N"; default cuda when available, else cpu.
+        dtype: "fp32", "bf16" or "fp16"; default bf16 on cuda, fp32 on cpu.
         limit: use only the first `limit` problems.
         batch_size: prompts per generate call.
         max_new_tokens: the cap on each answer's length.
@@ -60,8 +63,9 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
     Returns:
         (the log dir, the report as written to report.json).
     Raises:
-        EvalError: a bad line in `data` or `fewshot`, a log dir that already holds a report, or
-            `chat` with a tokenizer that has no chat template.
+        EvalError: a bad line in `data` or `fewshot`, a log dir that already holds a report, a model
+            the backend cannot load (device, dtype, path), or `chat` with a tokenizer that has no
+            chat template.
     """
     started = datetime.now(timezone.utc)
     clock = time.perf_counter()
@@ -71,13 +75,21 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
         log_dir = Path(log_dir)
         check_log_dir(log_dir)
 
-    from kdengine.teachers import load_teacher
+    import torch
 
-    teacher = load_teacher(model, backend=backend, device=device, dtype=dtype)
+    from kdengine.teachers import TeacherError, load_teacher
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+    try:
+        teacher = load_teacher(model, backend=backend, device=device, dtype=dtype)
+    except TeacherError as e:
+        raise EvalError(str(e)) from None
     load_s = time.perf_counter() - clock
     prompts = build_prompts([problem.question for problem in problems], shots, chat=chat,
                             tokenizer=teacher.tokenizer)
     run = generate_all(teacher, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress)
+    first_prompt = prompts[0] if isinstance(prompts[0], str) else teacher.tokenizer.decode(prompts[0])
     settings = {
         "model": teacher.name,
         "backend": backend,
@@ -92,6 +104,7 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
         "tokens_per_s": run.tokens_per_s,
         "load_s": load_s,
         "generate_s": run.seconds,
+        "first_prompt": first_prompt,
     }
     report = build_report(problems, run.texts, settings)
     items = report.pop("items")  # wall_s goes before the long item list
