@@ -11,7 +11,8 @@ Extraction (`extract_answer`) tries these rules in order; the first that yields 
    is" or "the correct answer is" (whole words; any run of whitespace between the words), then
    the first number anywhere after it.
 4. ``last_number``: the number that ends closest to the end of the response.
-5. ``none``: no number at all; the value is -1 (no GSM8K answer is -1) and the item needs a person.
+5. ``none``: no number at all; the value is -1 (no GSM8K answer is -1), the item is scored wrong
+   and listed for manual review.
 
 Number grammar (ASCII digits only; the same grammar reads references after ``####``)::
 
@@ -19,14 +20,15 @@ Number grammar (ASCII digits only; the same grammar reads references after ``###
     sign     := "-" | "\\u2212"          only when not right after a digit: "16-3" is 16 and 3
     currency := one Unicode currency symbol (category Sc: $ € £ ¥ ...), skipped: "-$5" is -5
     magnitude:= grouped fraction? | digits fraction? | fraction        (tried in that order)
-    grouped  := 1-3 digits ("," 3 digits)+ not followed by a digit   "1,234,567" is 1234567
+    grouped  := 1-3 digits ("," 3 digits)+, the most groups that are not followed by a digit:
+                "1,234,567" is 1234567; "1,234,5678" is 1234 and 5678
     digits   := [0-9]+
     fraction := "." [0-9]+                a bare ".5" only when the dot does not follow a digit
 
 A number never starts inside a run of digits. Consequences, all deliberate: a currency sign before
 the number and "%" or a period after it are not part of it ("$1,250.50" is 1250.5, "10%" is 10,
 "5." is 5); "3, 4, 5" and "3,4,5" are three numbers (groups after a comma need exactly three
-digits); "1,2345" is 1 and 2345; digits glued to letters still count ("abc123" holds 123, "5th"
+digits); "1,2345" is 1 and 2345; "1.2.3" is 1.2 and 3; digits glued to letters still count ("abc123" holds 123, "5th"
 holds 5); spaces or dots as thousands separators ("1 000", "1.000,5") are not understood; a plus sign
 is ignored. Every regex here runs in time linear in the length of the response.
 
@@ -38,11 +40,13 @@ exact to float precision (15 significant digits); no tolerance is applied, so 33
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Iterator
 
 import regex
 
 RULES = ("boxed", "first_line", "answer_phrase", "last_number", "none")
 NO_ANSWER = -1
+Number = int | float
 
 _NUMBER = regex.compile(
     r"""
@@ -64,10 +68,7 @@ class EvalError(Exception):
     the message names the file (and line) and what to do."""
 
 
-Number = int | float
-
-
-def find_numbers(text: str, start: int = 0, end: int | None = None):
+def find_numbers(text: str, start: int = 0, end: int | None = None) -> Iterator[Number]:
     """Yields the value of every number in `text[start:end]`, left to right (grammar in the module
     docstring). Characters just outside the window still decide signs and digit-run boundaries."""
     for match in _NUMBER.finditer(text, start, len(text) if end is None else end):
