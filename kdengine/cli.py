@@ -23,7 +23,7 @@ def eval_group():
 @eval_group.command("gsm8k")
 @click.option("--responses", type=click.Path(exists=True, dir_okay=False),
               help="Score this JSONL of existing outputs (fields: question, answer with '#### N', response); no model.")
-@click.option("--model", help="Generate answers with this model: a local from_pretrained directory or .gguf file.")
+@click.option("--model", metavar="PATH", help="Generate answers with this model: a local from_pretrained directory or .gguf file.")
 @click.option("--backend", default="hf", show_default=True,
               help="Teacher backend that loads --model: hf (transformers; a directory or a .gguf file).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
