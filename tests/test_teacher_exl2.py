@@ -19,6 +19,7 @@ from kdengine.teachers.exl2 import (
     UNAVAILABLE,
     Exl2Unavailable,
     legacy_rope_keys,
+    parse_gpu_split,
     plan_chunks,
     plan_row_groups,
     rope_config_overrides,
@@ -125,6 +126,14 @@ def test_plan_row_groups_groups_rows_and_trims_padding():
         plan_row_groups([3], 0)
 
 
+def test_parse_gpu_split():
+    assert parse_gpu_split("20,24") == [20.0, 24.0]
+    assert parse_gpu_split(" 70.5 ") == [70.5]
+    for bad in ("20,,24", "20,x", "0,10", "-3", "nan", ""):
+        with pytest.raises(ValueError, match="--gpu-split takes positive GB per GPU"):
+            parse_gpu_split(bad)
+
+
 # --- config fix-ups ------------------------------------------------------------------------------
 
 def test_rope_keys_of_a_transformers5_config_reach_exllamav2(tiny_model_dir):
@@ -186,7 +195,7 @@ def test_tokenizer_info_matches_the_hf_backend(tiny_model_dir, tmp_path):
         assert info.fingerprint == hf.fingerprint
         assert info.vocab_size == hf.vocab_size == len(hf.tokenizer)
         assert info.tokenizer.pad_token_id == hf.tokenizer.pad_token_id
-        assert info.stop_ids == [hf.tokenizer.eos_token_id]
+        assert info.stop_ids == hf._eos_ids
 
 
 def test_stop_ids_follow_generation_config_then_config(tiny_model_dir, tmp_path):

@@ -69,6 +69,24 @@ def plan_row_groups(lengths: Sequence[int], max_rows: int) -> list[tuple[int, in
     return groups
 
 
+def parse_gpu_split(text: str) -> list[float]:
+    """`--gpu-split` ("20,24": GB of weights per visible GPU, in order) as a list for Exl2Teacher.
+
+    Raises:
+        ValueError: an entry that is not a positive number, naming it.
+    """
+    split = []
+    for part in text.split(","):
+        try:
+            gb = float(part)
+        except ValueError:
+            gb = float("nan")
+        if not gb > 0:
+            raise ValueError(f"--gpu-split takes positive GB per GPU separated by commas (e.g. 20,24), got {part!r}")
+        split.append(gb)
+    return split
+
+
 def slice_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The first `vocab_size` entries of the last dim (a view): drops the head's -65504 padding and any
     model vocabulary beyond the tokenizer's.
@@ -440,7 +458,9 @@ class Exl2Teacher:
         return self._generator
 
     def _to_generation(self, ids: list[int], stop: Sequence[str]) -> Generation:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        # the generator ends a job on a stop id only as its last token; an EOS id need not be special
+        text_ids = ids[:-1] if ids and ids[-1] in self._stop_ids else ids
+        text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
         return Generation(text=text[:cut], new_tokens=len(ids))
 
