@@ -15,8 +15,10 @@ reports, over every target position of the corpus (the positions a dump stores):
 
 and three consistency checks of exl2's logits (max |Δlogit|, should be fp16 noise, ~1e-2 or less):
 causal (a prefix scored alone vs inside the full sequence), chunked (cache chunks of 1/3 the sample
-vs one pass) and padded (batched padded prefill vs per-sequence prefill). Last, a GSM8K smoke test:
-a few problems through generate() on each teacher. Targets at 8.0 bpw: top1 >= 0.99, kl_topk <= 1e-3.
+vs one pass) and padded (batched padded prefill vs per-sequence prefill). Stage dump then runs
+`kdengine dump` itself with each teacher (skipped while kdengine has no dump command) and reports its
+wall-clock tokens/s and the stored top-1/top-K agreement. Last, a GSM8K smoke test: a few problems
+through generate() on each teacher. Targets at 8.0 bpw: top1 >= 0.99, kl_topk <= 1e-3.
 
 Prerequisites on the GPU machine: torch with CUDA; transformers; exllamav2==0.3.2 and the modules it
 imports (pandas, fastparquet, rich, ninja, pillow, safetensors, tokenizers); gguf for --from-gguf;
@@ -27,7 +29,7 @@ TORCH_EXTENSIONS_DIR (under --work) before that, so later stages and commands re
 Run it all at once, or stage by stage (each stage skips what --work already holds):
     PYTHONPATH=$PWD python scripts/gpu_check_exl2.py --work /tmp/kd-exl2 \\
         --from-gguf SmolLM2-135M-Instruct.Q4_1.gguf --data gsm8k.jsonl \\
-        --stages build,hf,convert,compare,generate
+        --stages build,hf,convert,compare,dump,generate
 The table is printed last and written, with the raw numbers as JSON, to $OUT (if set) or --out.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-STAGES = ("build", "hf", "convert", "compare", "generate")
+STAGES = ("build", "hf", "convert", "compare", "dump", "generate")
 
 
 # --- metrics (pure torch; unit-tested on CPU) ----------------------------------------------------
@@ -320,6 +323,57 @@ def consistency_checks(args, bpw: float, exl2, batches: list[Batch]) -> dict:
     return out
 
 
+def stage_dump(args, hf_dir: Path) -> list[dict]:
+    """`kdengine dump` of --data with each teacher (fresh stores under --work): wall-clock tokens/s
+    (model load included) and, against the hf store, top-1 agreement and top-K overlap of what was stored."""
+    from kdengine.cli import cli
+
+    if "dump" not in cli.commands:
+        print("dump: this kdengine has no dump command yet; stage skipped")
+        return []
+    from kdengine.store import open_store
+
+    runs = [("hf", hf_dir, ["--device", "cuda", "--dtype", "fp16"])]
+    runs += [(f"exl2-{bpw}", exl2_dir(args, bpw), ["--backend", "exl2"]) for bpw in args.bpw]
+    rows, reference = [], None
+    for name, path, extra in runs:
+        out = args.work / f"store-{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "kdengine", "dump", "--teacher", str(path), "--data", str(args.data),
+               "--out", str(out), "--top-k", str(args.top_k), "--max-length", str(args.max_length),
+               "--batch-size", str(args.batch_size), *extra]
+        print(f"dump {name}: {' '.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        wall = time.perf_counter() - start
+        store = open_store(out)
+        tokens = sum(len(store[i]["input_ids"]) for i in range(len(store)))
+        row = {"teacher": name, "samples": len(store), "tokens": tokens, "wall_s": wall, "tok_s_wall": tokens / wall}
+        if reference is None:
+            reference = store
+        else:
+            row.update(store_agreement(reference, store, args.top_k))
+        rows.append(row)
+        print(f"dump {name}: {row}", flush=True)
+    return rows
+
+
+def store_agreement(ref_store, test_store, k: int) -> dict:
+    """Top-1 agreement and mean top-K overlap between two stores of the same corpus, position by position."""
+    if len(ref_store) != len(test_store):
+        raise ValueError(f"the stores hold {len(ref_store)} and {len(test_store)} samples")
+    n = top1 = overlap = 0.0
+    for i in range(len(ref_store)):
+        a, b = ref_store[i], test_store[i]
+        if not (torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["positions"], b["positions"])):
+            raise ValueError(f"sample {i}: the two stores hold different tokens or target positions")
+        ia, ib = a["topk_idx"].long(), b["topk_idx"].long()
+        n += ia.shape[0]
+        top1 += (ia[:, 0] == ib[:, 0]).sum().item()
+        overlap += ((ia[:, :, None] == ib[:, None, :]).any(-1).sum(-1) / k).sum().item()
+    return {"store_top1": top1 / max(n, 1), "store_overlap": overlap / max(n, 1)}
+
+
 def stage_generate(args, hf_dir: Path) -> list[dict]:
     from kdengine.evals.data import read_problems
     from kdengine.evals.generation import STOP, build_prompts
@@ -354,7 +408,7 @@ def stage_generate(args, hf_dir: Path) -> list[dict]:
 
 # --- report --------------------------------------------------------------------------------------
 
-def format_tables(compare: list[dict], generate: list[dict], device: str) -> str:
+def format_tables(compare: list[dict], dump: list[dict], generate: list[dict], device: str) -> str:
     lines = [f"# EXL2 vs fp16 HF teacher on {device}", ""]
     if compare:
         lines += ["| bpw | positions | top1 | overlap@K | KL top-K+tail | KL full | hf tok/s | exl2 tok/s "
@@ -365,6 +419,14 @@ def format_tables(compare: list[dict], generate: list[dict], device: str) -> str
                          f"{r['kl_topk']:.2e} | {r['kl_full']:.2e} | {r['tok_s_hf']:.0f} | {r['tok_s_exl2']:.0f} | "
                          f"{r['tok_s_exl2_padded']:.0f} | {r['causal_maxdiff']:.3g} | {r['chunked_maxdiff']:.3g} | "
                          f"{r['padded_maxdiff']:.3g} |")
+        lines.append("")
+    if dump:
+        lines += ["| kdengine dump | samples | tokens | wall s | tok/s (wall, load included) | stored top1 vs hf "
+                  "| stored overlap@K vs hf |", "|---|---|---|---|---|---|---|"]
+        for r in dump:
+            agree = (f"{r['store_top1']:.4f} | {r['store_overlap']:.4f}" if "store_top1" in r else "- | -")
+            lines.append(f"| {r['teacher']} | {r['samples']} | {r['tokens']} | {r['wall_s']:.1f} | "
+                         f"{r['tok_s_wall']:.0f} | {agree} |")
         lines.append("")
     if generate:
         lines += ["| model | GSM8K correct | new tokens | gen tok/s | same text as hf |", "|---|---|---|---|---|"]
@@ -407,8 +469,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = sorted(set(args.stages) - set(STAGES))
     if unknown:
         p.error(f"unknown stage(s) {unknown}; choose from {', '.join(STAGES)}")
-    if "compare" in args.stages and args.data is None:
-        p.error("stage compare needs --data")
+    for stage in ("compare", "dump"):
+        if stage in args.stages and args.data is None:
+            p.error(f"stage {stage} needs --data")
     if "generate" in args.stages and args.gsm8k is None and args.data is None:
         p.error("stage generate needs --gsm8k or --data")
     return args
@@ -432,9 +495,10 @@ def main(argv=None) -> None:
     if "convert" in args.stages:
         raw["convert"] = stage_convert(args, hf_dir)
     compare = stage_compare(args, hf_dir) if "compare" in args.stages else []
+    dump = stage_dump(args, hf_dir) if "dump" in args.stages else []
     generate = stage_generate(args, hf_dir) if "generate" in args.stages else []
-    raw.update(compare=compare, generate=generate)
-    table = format_tables(compare, generate, device)
+    raw.update(compare=compare, dump=dump, generate=generate)
+    table = format_tables(compare, dump, generate, device)
     out = args.out or Path(os.environ.get("OUT") or args.work / "results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(table + "\n", encoding="utf-8")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -239,12 +240,13 @@ def load_exl2_teacher(path: str | os.PathLike, *, device: str | torch.device | N
         path: an EXL2 model directory.
         device: None or "cuda": the model spreads over every visible GPU (choose them with
             CUDA_VISIBLE_DEVICES; split them with `gpu_split`).
-        dtype: None or fp16: EXL2 layers compute in fp16.
+        dtype: EXL2 layers compute in fp16 whatever is asked; another dtype only draws a warning
+            (callers pass their hf default here).
         opts: Exl2Teacher's keyword options (gpu_split, max_seq_len, cache_tokens, max_input_len,
             prefill, max_batch_size).
     Raises:
         Exl2Unavailable: exllamav2 cannot run on this machine (checked first).
-        TeacherError: a device or dtype the backend cannot honour, or an unloadable directory.
+        TeacherError: a device other than cuda, or an unloadable directory.
     """
     _import_exllamav2()
     if device is not None and str(device) != "cuda":
@@ -252,7 +254,7 @@ def load_exl2_teacher(path: str | os.PathLike, *, device: str | torch.device | N
                            "does not apply; leave --device unset or pass cuda (pick GPUs with CUDA_VISIBLE_DEVICES, "
                            "split them with --gpu-split)")
     if dtype is not None and dtype not in ("fp16", "float16", torch.float16):
-        raise TeacherError(f"the exl2 backend computes in fp16, so dtype {dtype!r} does not apply; leave --dtype unset")
+        warnings.warn(f"the exl2 backend computes in fp16; dtype {dtype!r} is ignored", stacklevel=2)
     return Exl2Teacher(path, **opts)
 
 
@@ -452,8 +454,14 @@ class Exl2Teacher:
                     f"{self.name}: exllamav2 generates only with a tokenizer.json in the model directory; write one "
                     f"with `AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)`"
                 ) from exc
+            # paged prefill goes in whole pages, so its chunk is max_input_len rounded down to pages
+            chunk = self._config.max_input_len // _CACHE_PAGE * _CACHE_PAGE if has_flash_attn_with_paged else None
+            if chunk == 0:
+                raise TeacherError(f"generation with paged attention needs max_input_len >= {_CACHE_PAGE}, "
+                                   f"got {self._config.max_input_len}")
             self._generator = ExLlamaV2DynamicGenerator(
-                model=self._model, cache=self._cache, tokenizer=exl2_tokenizer, paged=has_flash_attn_with_paged
+                model=self._model, cache=self._cache, tokenizer=exl2_tokenizer, paged=has_flash_attn_with_paged,
+                max_chunk_size=chunk,
             )
         return self._generator
 
