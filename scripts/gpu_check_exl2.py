@@ -285,7 +285,7 @@ def stage_compare(args, hf_dir: Path) -> list[dict]:
             agreement.update(target_rows(hf.logits(batch.input_ids, batch.lengths), batch),
                              target_rows(exl2.logits(batch.input_ids, batch.lengths), batch))
         row = {"bpw": bpw, **agreement.means(), "tok_s_hf": hf_tok_s,
-               "tok_s_exl2": time_pass(exl2, batches, args.top_k)}
+               "tok_s_exl2": time_pass(exl2, batches, args.top_k), "exl2_attention": exl2.attention}
         row.update(consistency_checks(args, bpw, exl2, batches))
         del exl2
         torch.cuda.empty_cache()
@@ -306,6 +306,13 @@ def consistency_checks(args, bpw: float, exl2, batches: list[Batch]) -> dict:
     half = n // 2
     prefix = exl2.logits(ids[:, :half], torch.tensor([half]))
     out = {"causal_maxdiff": max_logit_diff(full[0, :half], prefix[0, :half])}
+    if exl2.attention == "matmul":  # the backend turned 0.3.2's SDPA path off: show what that avoids
+        exl2._config.no_sdpa = False
+        try:
+            out["causal_maxdiff_sdpa"] = max_logit_diff(exl2.logits(ids, torch.tensor([n]))[0, :half],
+                                                        exl2.logits(ids[:, :half], torch.tensor([half]))[0, :half])
+        finally:
+            exl2._config.no_sdpa = True
     chunked = load_teacher(exl2_dir(args, bpw), backend="exl2", max_seq_len=args.max_length,
                            max_input_len=max(16, n // 3))
     out["chunked_maxdiff"] = max_logit_diff(chunked.logits(ids, torch.tensor([n]))[0], full[0])
@@ -419,6 +426,13 @@ def format_tables(compare: list[dict], dump: list[dict], generate: list[dict], d
                          f"{r['kl_topk']:.2e} | {r['kl_full']:.2e} | {r['tok_s_hf']:.0f} | {r['tok_s_exl2']:.0f} | "
                          f"{r['tok_s_exl2_padded']:.0f} | {r['causal_maxdiff']:.3g} | {r['chunked_maxdiff']:.3g} | "
                          f"{r['padded_maxdiff']:.3g} |")
+        lines.append(f"exl2 attention: {compare[0].get('exl2_attention', '?')}; K = top-K of the metrics; "
+                     "Δ = max |Δlogit| of exl2 against itself (causal: prefix alone vs in context; chunked: "
+                     "small cache chunks vs one pass; padded: batched padded vs per-sequence prefill)")
+        sdpa = [f"{r['bpw']}: {r['causal_maxdiff_sdpa']:.3g}" for r in compare if "causal_maxdiff_sdpa" in r]
+        if sdpa:
+            lines.append(f"causal Δ with exllamav2 0.3.2's own SDPA path, which the backend turns off here: "
+                         f"{', '.join(sdpa)}")
         lines.append("")
     if dump:
         lines += ["| kdengine dump | samples | tokens | wall s | tok/s (wall, load included) | stored top1 vs hf "

@@ -355,12 +355,14 @@ def test_gpu_check_report_renders_every_column():
     metrics = _gpu_check_module()
     compare = [{"bpw": 8.0, "positions": 100, "top1": 0.995, "overlap": 0.98, "kl_topk": 4e-4, "kl_full": 5e-4,
                 "tok_s_hf": 1000.0, "tok_s_exl2": 900.0, "tok_s_exl2_padded": 1500.0, "causal_maxdiff": 0.01,
-                "chunked_maxdiff": 0.02, "padded_maxdiff": 0.03}]
+                "chunked_maxdiff": 0.02, "padded_maxdiff": 0.03, "causal_maxdiff_sdpa": 7.5,
+                "exl2_attention": "matmul"}]
     dump = [{"teacher": "hf", "samples": 3, "tokens": 90, "wall_s": 2.0, "tok_s_wall": 45.0},
             {"teacher": "exl2-8.0", "samples": 3, "tokens": 90, "wall_s": 3.0, "tok_s_wall": 30.0,
              "store_top1": 0.99, "store_overlap": 0.97}]
     generate = [{"model": "hf", "problems": 4, "correct": 1, "new_tokens": 400, "tok_s": 50.0, "same_text_as_hf": 4}]
     table = metrics.format_tables(compare, dump, generate, "NVIDIA H100")
     assert "| 8.0 | 100 | 0.9950 | 0.9800 | 4.00e-04 | 5.00e-04 | 1000 | 900 | 1500 | 0.01 | 0.02 | 0.03 |" in table
+    assert "which the backend turns off here: 8.0: 7.5" in table and "exl2 attention: matmul" in table
     assert "| exl2-8.0 | 3 | 90 | 3.0 | 30 | 0.9900 | 0.9700 |" in table and "| hf | 3 | 90 | 2.0 | 45 | - | - |" in table
     assert "| hf | 1/4 | 400 | 50 | 4/4 |" in table

@@ -307,6 +307,15 @@ class Exl2Teacher:
         self.device = torch.device(self._model.modules[-1].device())
         self._generator = None
 
+    @property
+    def attention(self) -> str:
+        """Which attention exllamav2 runs: "flash-attn", "xformers" or "matmul" (its SDPA path is off)."""
+        if self._exl2.attn.has_flash_attn and not self._config.no_flash_attn:
+            return "flash-attn"
+        if self._exl2.attn.has_xformers and not self._config.no_xformers:
+            return "xformers"
+        return "sdpa" if not self._config.no_sdpa else "matmul"
+
     def _make_config(self, model_dir: Path, max_seq_len: int, max_input_len: int, max_batch_size: int):
         exl2 = self._exl2
         try:
