@@ -240,6 +240,8 @@ def test_each_reason_exllamav2_cannot_run_is_named(tmp_path, monkeypatch, tiny_m
         with pytest.raises(Exl2Unavailable, match=r"\(exllamav2 is not installed\)$"):
             load_teacher(tiny_model_dir, backend="exl2")
 
+    if "exllamav2" in sys.modules:  # a real one imported earlier in this process would shadow the stand-in
+        return
     fake = _fake_exllamav2(tmp_path, "import torch\ntorch.set_num_threads(1)\n"
                                      "raise OSError('Error building extension exllamav2_ext\\nninja: build stopped')\n")
     monkeypatch.syspath_prepend(str(fake))
@@ -287,6 +289,19 @@ def test_dump_with_exl2_backend_fails_with_one_line(tiny_model_dir, tmp_path):
     assert done.returncode != 0
     assert UNAVAILABLE in done.stderr and "Traceback" not in done.stderr + done.stdout
     assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+@needs_cpu_torch
+@pytest.mark.skipif(not _cli_has("eval", "gsm8k"), reason="the eval gsm8k command has not landed in kdengine/cli.py yet")
+def test_eval_gsm8k_with_exl2_backend_fails_with_one_line(tiny_model_dir, tmp_path):
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text(json.dumps({"question": "How many apples?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    cmd = [sys.executable, "-m", "kdengine", "eval", "gsm8k", "--model", str(tiny_model_dir), "--backend", "exl2",
+           "--data", str(data), "--log-dir", str(tmp_path / "logs")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=180,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode != 0
+    assert UNAVAILABLE in done.stderr and "Traceback" not in done.stderr + done.stdout
 
 
 # --- the GPU check's metric maths ----------------------------------------------------------------
