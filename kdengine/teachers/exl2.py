@@ -309,7 +309,8 @@ class Exl2Teacher:
 
     @property
     def attention(self) -> str:
-        """Which attention exllamav2 runs: "flash-attn", "xformers" or "matmul" (its SDPA path is off)."""
+        """Which attention exllamav2 runs: "flash-attn", "xformers", or "matmul" where this backend has
+        turned off its non-causal SDPA path ("sdpa" only if someone turns that back on)."""
         if self._exl2.attn.has_flash_attn and not self._config.no_flash_attn:
             return "flash-attn"
         if self._exl2.attn.has_xformers and not self._config.no_xformers:
