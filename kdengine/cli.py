@@ -25,7 +25,8 @@ def eval_group():
               help="Score this JSONL of existing outputs (fields: question, answer with '#### N', response); no model.")
 @click.option("--model", metavar="PATH", help="Generate answers with this model: a local from_pretrained directory or .gguf file.")
 @click.option("--backend", default="hf", show_default=True,
-              help="Teacher backend that loads --model: hf (transformers; a directory or a .gguf file).")
+              help="Teacher backend that loads --model: hf (transformers: a model directory or a .gguf file) "
+                   "or exl2 (ExLlamaV2: an EXL2 directory, on all visible GPUs).")
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="With --model: JSONL of GSM8K problems (fields: question, answer with '#### N').")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N problems of --data.")
@@ -40,10 +41,11 @@ def eval_group():
 @click.option("--log-dir", type=click.Path(file_okay=False),
               help="Where report.json, report.md and manual_review.jsonl go "
                    "[default: logs/gsm8k-<model or file name>-<UTC timestamp>/].")
-@click.option("--device", help="Device for the model: cpu, cuda or cuda:N [default: cuda if available, else cpu].")
+@click.option("--device", help="Device for the model: cpu, cuda or cuda:N "
+                                "[default: hf: cuda if available, else cpu; exl2: all visible GPUs].")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Dtype the weights are loaded in (GGUF weights are dequantized to it) "
-                   "[default: bf16 on cuda, fp32 on cpu].")
+                   "[default: hf: bf16 on cuda, fp32 on cpu; exl2: fp16].")
 @click.pass_context
 def eval_gsm8k(ctx, responses, model, log_dir, **model_options):
     """Score GSM8K answers with the ordered extraction cascade (boxed, first line, answer phrase,

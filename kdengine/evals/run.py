@@ -51,8 +51,11 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
         model: what `kdengine.teachers.load_teacher` loads (a from_pretrained dir or a GGUF file).
         data: JSONL of GSM8K `question`/`answer` lines.
         backend: the teacher backend (kdengine.teachers.BACKENDS).
-        device: "cpu", "cuda" or "cuda:N"; default cuda when available, else cpu.
-        dtype: "fp32", "bf16" or "fp16"; default bf16 on cuda, fp32 on cpu.
+        device: "cpu", "cuda" or "cuda:N"; None: for hf, cuda when available, else cpu; for other
+            backends, their own default (exl2: all visible GPUs).
+        dtype: "fp32", "bf16" or "fp16"; None: for hf, bf16 on cuda and fp32 on cpu; for other
+            backends, their own default (exl2: fp16). Recorded in the report as given (null: the
+            backend's default).
         limit: use only the first `limit` problems.
         batch_size: prompts per generate call.
         max_new_tokens: the cap on each answer's length.
@@ -79,8 +82,9 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
 
     from kdengine.teachers import TeacherError, load_teacher
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
+    if backend == "hf":  # transformers runs anywhere: use the GPU when there is one
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     try:
         teacher = load_teacher(model, backend=backend, device=device, dtype=dtype)
     except TeacherError as e:
