@@ -1,12 +1,14 @@
-// CPU sparse KL: rows in parallel (at::parallel_for, i.e. torch's OpenMP pool and thread count),
-// each row streamed once in L1-sized chunks with an online max / sum-exp; the inner loops are plain
-// loops the compiler vectorizes, compiled for AVX-512, AVX2 and baseline x86-64 with runtime
-// selection (target_clones). The math shared with the CUDA kernel is in sparse_kl_math.h.
+// CPU sparse KL: rows in parallel with OpenMP (torch's runtime and thread count), handed out in small
+// chunks on demand so that cheap ignored rows (padding clusters at the end of a batch) or a busy core
+// do not leave threads idle; each row is streamed once in L1-sized chunks with an online max /
+// sum-exp. The inner loops are plain loops the compiler vectorizes, compiled for AVX-512, AVX2 and
+// baseline x86-64 with runtime selection (target_clones). Math shared with CUDA: sparse_kl_math.h.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -26,6 +28,8 @@ namespace {
 // Elements per chunk of the online pass: 8 KiB of fp32, so the max pass and the exp pass over a
 // chunk share L1.
 constexpr int64_t kChunk = 2048;
+// Rows per unit of work handed to a thread.
+constexpr int64_t kRowsPerTask = 4;
 
 template <typename scalar_t>
 struct AccOf {
@@ -199,25 +203,52 @@ KD_INLINE void backward_row(const BackwardParams& p, int64_t r) {
 }
 
 template <typename scalar_t>
-KD_INLINE void forward_rows(const ForwardParams& p, int64_t begin, int64_t end) {
-  std::vector<int32_t> ids_buf(p.tail ? p.k : 0);
-  for (int64_t r = begin; r < end; ++r) forward_row<scalar_t>(p, r, ids_buf.data());
+KD_INLINE void forward_rows(const ForwardParams& p, int64_t begin, int64_t end, int32_t* ids_buf) {
+  for (int64_t r = begin; r < end; ++r) forward_row<scalar_t>(p, r, ids_buf);
 }
 
 template <typename scalar_t>
-KD_INLINE void backward_rows(const BackwardParams& p, int64_t begin, int64_t end) {
+KD_INLINE void backward_rows(const BackwardParams& p, int64_t begin, int64_t end, int32_t*) {
   for (int64_t r = begin; r < end; ++r) backward_row<scalar_t>(p, r);
 }
 
 // One cloned (per-ISA) entry per dtype; the templates above are inlined into each clone.
-KD_CLONES void forward_rows_f32(const ForwardParams& p, int64_t b, int64_t e) { forward_rows<float>(p, b, e); }
-KD_CLONES void forward_rows_bf16(const ForwardParams& p, int64_t b, int64_t e) { forward_rows<c10::BFloat16>(p, b, e); }
-KD_CLONES void forward_rows_f16(const ForwardParams& p, int64_t b, int64_t e) { forward_rows<c10::Half>(p, b, e); }
-void forward_rows_f64(const ForwardParams& p, int64_t b, int64_t e) { forward_rows<double>(p, b, e); }
-KD_CLONES void backward_rows_f32(const BackwardParams& p, int64_t b, int64_t e) { backward_rows<float>(p, b, e); }
-KD_CLONES void backward_rows_bf16(const BackwardParams& p, int64_t b, int64_t e) { backward_rows<c10::BFloat16>(p, b, e); }
-KD_CLONES void backward_rows_f16(const BackwardParams& p, int64_t b, int64_t e) { backward_rows<c10::Half>(p, b, e); }
-void backward_rows_f64(const BackwardParams& p, int64_t b, int64_t e) { backward_rows<double>(p, b, e); }
+KD_CLONES void forward_rows_f32(const ForwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  forward_rows<float>(p, b, e, buf);
+}
+KD_CLONES void forward_rows_bf16(const ForwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  forward_rows<c10::BFloat16>(p, b, e, buf);
+}
+KD_CLONES void forward_rows_f16(const ForwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  forward_rows<c10::Half>(p, b, e, buf);
+}
+void forward_rows_f64(const ForwardParams& p, int64_t b, int64_t e, int32_t* buf) { forward_rows<double>(p, b, e, buf); }
+KD_CLONES void backward_rows_f32(const BackwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  backward_rows<float>(p, b, e, buf);
+}
+KD_CLONES void backward_rows_bf16(const BackwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  backward_rows<c10::BFloat16>(p, b, e, buf);
+}
+KD_CLONES void backward_rows_f16(const BackwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  backward_rows<c10::Half>(p, b, e, buf);
+}
+void backward_rows_f64(const BackwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  backward_rows<double>(p, b, e, buf);
+}
+
+// Rows in tasks of kRowsPerTask, dynamically scheduled; each thread owns a K-long id buffer.
+template <typename Params, typename RowsFn>
+void run_rows(const Params& p, int64_t buf_len, RowsFn rows) {
+  const int64_t n_tasks = (p.n_rows + kRowsPerTask - 1) / kRowsPerTask;
+  const int threads = at::in_parallel_region() ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), n_tasks));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int32_t> buf(buf_len);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_tasks; ++t)
+      rows(p, t * kRowsPerTask, std::min(p.n_rows, (t + 1) * kRowsPerTask), buf.data());
+  }
+}
 
 }  // namespace
 
@@ -226,7 +257,7 @@ void sparse_kl_forward_cpu(const ForwardParams& p, Dtype dtype) {
               : dtype == Dtype::kBFloat16 ? forward_rows_bf16
               : dtype == Dtype::kFloat16  ? forward_rows_f16
                                           : forward_rows_f64;
-  at::parallel_for(0, p.n_rows, 1, [&](int64_t b, int64_t e) { rows(p, b, e); });
+  run_rows(p, p.tail ? p.k : 0, rows);
 }
 
 void sparse_kl_backward_cpu(const BackwardParams& p, Dtype dtype) {
@@ -234,7 +265,7 @@ void sparse_kl_backward_cpu(const BackwardParams& p, Dtype dtype) {
               : dtype == Dtype::kBFloat16 ? backward_rows_bf16
               : dtype == Dtype::kFloat16  ? backward_rows_f16
                                           : backward_rows_f64;
-  at::parallel_for(0, p.n_rows, 1, [&](int64_t b, int64_t e) { rows(p, b, e); });
+  run_rows(p, 0, rows);
 }
 
 }  // namespace kdengine

@@ -5,6 +5,7 @@ Errors are measured relative to the largest magnitude of the reference tensor (l
 """
 import importlib
 import math
+import os
 import warnings
 import zlib
 
@@ -79,6 +80,13 @@ def assert_matches(logits, idx, logp, labels, tol, grad_out=None, **kw):
 def test_extension_is_built():
     # Without it every comparison below would pit the reference against itself.
     assert extension_available("cpu"), "kdengine._C is missing: python setup.py build_ext --inplace"
+
+
+@pytest.mark.skipif(os.environ.get("KDENGINE_REQUIRE_CUDA") != "1", reason="KDENGINE_REQUIRE_CUDA=1 is for GPU runs")
+def test_cuda_kernels_present():
+    # scripts/gpu_check_kernel.sh sets KDENGINE_REQUIRE_CUDA=1, so the CUDA cases cannot all be skipped there.
+    assert torch.cuda.is_available(), "no CUDA device visible"
+    assert extension_available("cuda"), "kdengine._C was built without CUDA kernels"
 
 
 @pytest.mark.parametrize("device", DEVICES)
