@@ -11,8 +11,8 @@
 #include "sparse_kl_math.h"
 
 #if defined(KDENGINE_WITH_CUDA)
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace kdengine {
@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& logits,
       CHECK_ARG(p.vocab <= max_vocab, "V (logits.size(1)) with tail=True on this GPU",
                 "<= " + std::to_string(max_vocab), p.vocab);
     }
-    const cudaError_t err = sparse_kl_forward_cuda(p, dtype_of(logits), at::cuda::getCurrentCUDAStream());
+    const cudaError_t err = sparse_kl_forward_cuda(p, dtype_of(logits), c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "sparse_kl: CUDA forward launch failed: ", cudaGetErrorString(err));
 #endif
   }
@@ -161,7 +161,7 @@ at::Tensor backward(const at::Tensor& grad_rows, const at::Tensor& logits, const
   } else {
 #if defined(KDENGINE_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(logits.device());
-    const cudaError_t err = sparse_kl_backward_cuda(p, dtype_of(logits), at::cuda::getCurrentCUDAStream());
+    const cudaError_t err = sparse_kl_backward_cuda(p, dtype_of(logits), c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == cudaSuccess, "sparse_kl: CUDA backward launch failed: ", cudaGetErrorString(err));
 #endif
   }

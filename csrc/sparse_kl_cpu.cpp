@@ -116,54 +116,24 @@ KD_INLINE void forward_row(const ForwardParams& p, int64_t r, int32_t* ids_buf) 
     if (ce_separate) st.s1 += sum_exp2(x + c0, c1 - c0, l2e, shift_of(st.m, l2e));
   }
 
-  const acc_t sh = shift_of(st.m, scale2);
-  acc_t sum_t = st.s;
-  if (p.tail)
-    for (int64_t i = 0; i < n_ids; ++i) sum_t += exp2_fast(static_cast<acc_t>(x[ids_buf[i]]) * scale2 - sh);
+  const SerialCombine all;
+  const acc_t sum_t = p.tail ? st.s + topk_exp_sum(x, idx, K, V, scale2, shift_of(st.m, scale2), 0, 1, all) : st.s;
   const acc_t sum_1 = ce_separate ? st.s1 : sum_t;
-  const double m = st.m, inv_t = 1.0 / p.temperature;
-  const double ln_sum_t = log_sum(sum_t, st.m, scale2);
-
-  double kd = 0.0;
-  TailCoefs coefs{1.0, 1.0, 0.0};
+  KDRow kd{0.0, 1.0};
   if (p.alpha > 0.0) {
-    // Teacher buckets z_k = logp_k / T (+ z_tail), normalised in double.
-    double z_max = -INFINITY, mass = 0.0;
-    for (int64_t i = 0; i < K; ++i) {
-      z_max = std::max(z_max, static_cast<double>(logp[i]) * inv_t);
-      mass += std::exp(static_cast<double>(logp[i]));
-    }
-    const double z_tail = p.tail ? teacher_tail_logit(mass, inv_t) : -INFINITY;
-    z_max = std::max(z_max, z_tail);
-    double z_sum = p.tail ? std::exp(z_tail - z_max) : 0.0;
-    for (int64_t i = 0; i < K; ++i) z_sum += std::exp(static_cast<double>(logp[i]) * inv_t - z_max);
-    const double log_z = std::log(z_sum);
-    const double log_p_tail = z_tail - z_max - log_z;
-    const double p_tail = p.tail ? std::exp(log_p_tail) : 0.0;
     const double log_q_tail = p.tail ? std::log(static_cast<double>(st.s)) - std::log(static_cast<double>(sum_t)) : 0.0;
-    coefs = tail_coefs(p.tail, p_tail, log_p_tail, log_q_tail);
-    for (int64_t i = 0; i < K; ++i) {
-      const int32_t id = idx[i];
-      const double log_q = (id >= 0 && id < V) ? (static_cast<double>(x[id]) - m) * inv_t - ln_sum_t : NAN;
-      const double log_p = static_cast<double>(logp[i]) * inv_t - z_max - log_z;
-      const double p_k = std::exp(log_p);
-      kd += kl_term(p_k, log_p, log_q);
-      topk_grad[i] = static_cast<acc_t>(coefs.c_top * std::exp(log_q) - p_k);
-    }
-    if (p.tail) kd += kl_term(p_tail, log_p_tail, coefs.log_q_tail);
+    kd = kd_row(x, idx, logp, topk_grad, K, V, p.tail, p.temperature, st.m, log_sum(sum_t, st.m, scale2), log_q_tail,
+                0, 1, all);
   } else {
     std::fill(topk_grad, topk_grad + K, acc_t(0));
   }
   double ce = 0.0;
-  if (p.with_ce) {
-    const double x_label = (label >= 0 && label < V) ? static_cast<double>(x[label]) : NAN;
-    ce = (m - x_label) + log_sum(sum_1, st.m, l2e);
-  }
-  *loss = static_cast<acc_t>(row_loss(p.alpha, p.temperature, kd, ce));
+  if (p.with_ce) ce = row_ce(st.m, (label >= 0 && label < V) ? static_cast<double>(x[label]) : NAN, sum_1);
+  *loss = static_cast<acc_t>(row_loss(p.alpha, p.temperature, kd.kd, ce));
   stats[kStatMax] = st.m;
   stats[kStatSumT] = sum_t;
   stats[kStatSum1] = sum_1;
-  stats[kStatCRest] = static_cast<acc_t>(coefs.c_rest);
+  stats[kStatCRest] = static_cast<acc_t>(kd.c_rest);
 }
 
 template <typename scalar_t>

@@ -83,6 +83,13 @@ __device__ __forceinline__ double warp_max(double v) {
   return v;
 }
 
+// Combines a per-lane value over the warp (sum_k / max_k in the shared per-row epilogue).
+struct WarpCombine {
+  template <typename V>
+  __device__ __forceinline__ V sum(V v) const { return warp_sum(v); }
+  __device__ __forceinline__ double max(double v) const { return warp_max(v); }
+};
+
 __device__ __forceinline__ OnlineSums<float> warp_merge(OnlineSums<float> st, float scale2) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -207,66 +214,27 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   st = lane < kWarps ? warp_sums[lane] : OnlineSums<float>{-INFINITY, 0.f, 0.f};
   st = warp_merge(st, scan.scale2);
 
-  const float scale2 = scan.scale2, sh = shift_of(st.m, scale2);
-  float sum_t = st.s;
-  if (kTail) {
-    float s_top = 0.f;
-    for (int64_t k = lane; k < K; k += 32) {
-      const int32_t id = idx[k];
-      if (id >= 0 && id < V) s_top += exp2_fast(fmaf(to_float(x[id]), scale2, -sh));
-    }
-    sum_t += warp_sum(s_top);
-  }
+  const WarpCombine all;
+  const float scale2 = scan.scale2;
+  const float sum_t = kTail ? st.s + topk_exp_sum(x, idx, K, V, scale2, shift_of(st.m, scale2), lane, 32, all) : st.s;
   const float sum_1 = kCeSep ? st.s1 : sum_t;
-  const double m = st.m, inv_t = 1.0 / p.temperature;
-  const double ln_sum_t = log_sum(sum_t, st.m, scale2);
-
-  double kd = 0.0;
-  TailCoefs coefs{1.0, 1.0, 0.0};
   const float* logp = static_cast<const float*>(p.topk_logp) + r * K;
+  KDRow kd{0.0, 1.0};
   if (p.alpha > 0.0) {
-    double z_max = -INFINITY, mass = 0.0;
-    for (int64_t k = lane; k < K; k += 32) {
-      const double lp = logp[k];
-      z_max = fmax(z_max, lp * inv_t);
-      mass += exp(lp);
-    }
-    z_max = warp_max(z_max);
-    mass = warp_sum(mass);
-    const double z_tail = kTail ? teacher_tail_logit(mass, inv_t) : -INFINITY;
-    z_max = fmax(z_max, z_tail);
-    double z_sum = 0.0;
-    for (int64_t k = lane; k < K; k += 32) z_sum += exp(static_cast<double>(logp[k]) * inv_t - z_max);
-    z_sum = warp_sum(z_sum) + (kTail ? exp(z_tail - z_max) : 0.0);
-    const double log_z = log(z_sum);
-    const double log_p_tail = z_tail - z_max - log_z;
-    const double p_tail = kTail ? exp(log_p_tail) : 0.0;
     const double log_q_tail = kTail ? log(static_cast<double>(st.s)) - log(static_cast<double>(sum_t)) : 0.0;
-    coefs = tail_coefs(kTail, p_tail, log_p_tail, log_q_tail);
-    for (int64_t k = lane; k < K; k += 32) {
-      const int32_t id = idx[k];
-      const double log_q = (id >= 0 && id < V) ? (static_cast<double>(to_float(x[id])) - m) * inv_t - ln_sum_t : NAN;
-      const double log_p = static_cast<double>(logp[k]) * inv_t - z_max - log_z;
-      const double p_k = exp(log_p);
-      kd += kl_term(p_k, log_p, log_q);
-      topk_grad[k] = static_cast<float>(coefs.c_top * exp(log_q) - p_k);
-    }
-    kd = warp_sum(kd);
-    if (kTail) kd += kl_term(p_tail, log_p_tail, coefs.log_q_tail);
+    kd = kd_row(x, idx, logp, topk_grad, K, V, kTail, p.temperature, st.m, log_sum(sum_t, st.m, scale2), log_q_tail,
+                lane, 32, all);
   } else {
     for (int64_t k = lane; k < K; k += 32) topk_grad[k] = 0.f;
   }
   if (lane == 0) {
     double ce = 0.0;
-    if (p.with_ce) {
-      const double x_label = (label >= 0 && label < V) ? static_cast<double>(to_float(x[label])) : NAN;
-      ce = (m - x_label) + log_sum(sum_1, st.m, exp_scale<float>(1.0));
-    }
-    static_cast<float*>(p.loss_rows)[r] = static_cast<float>(row_loss(p.alpha, p.temperature, kd, ce));
+    if (p.with_ce) ce = row_ce(st.m, (label >= 0 && label < V) ? static_cast<double>(to_float(x[label])) : NAN, sum_1);
+    static_cast<float*>(p.loss_rows)[r] = static_cast<float>(row_loss(p.alpha, p.temperature, kd.kd, ce));
     stats[kStatMax] = st.m;
     stats[kStatSumT] = sum_t;
     stats[kStatSum1] = sum_1;
-    stats[kStatCRest] = static_cast<float>(coefs.c_rest);
+    stats[kStatCRest] = static_cast<float>(kd.c_rest);
   }
 }
 

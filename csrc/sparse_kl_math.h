@@ -17,6 +17,8 @@
 #include <cstring>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #define KD_HD __host__ __device__ __forceinline__
 #else
 #define KD_HD inline __attribute__((always_inline))
@@ -147,6 +149,94 @@ KD_HD double row_loss(double alpha, double temperature, double kd, double ce) {
   if (alpha > 0.0) loss += alpha * temperature * temperature * kd;
   if (alpha < 1.0) loss += (1.0 - alpha) * ce;
   return loss;
+}
+
+template <typename acc_t, typename scalar_t>
+KD_HD acc_t to_acc(scalar_t v) {
+  return static_cast<acc_t>(v);
+}
+#if defined(__CUDACC__)
+// torch builds .cu files with __CUDA_NO_{HALF,BFLOAT16}_CONVERSIONS__: convert explicitly.
+template <typename acc_t>
+KD_HD acc_t to_acc(__nv_bfloat16 v) {
+  return static_cast<acc_t>(__bfloat162float(v));
+}
+template <typename acc_t>
+KD_HD acc_t to_acc(__half v) {
+  return static_cast<acc_t>(__half2float(v));
+}
+#endif
+
+// The per-row epilogue below runs over the K top-k entries either serially (CPU: first = 0,
+// stride = 1, SerialCombine) or spread over the lanes of a warp (CUDA: first = lane, stride = 32,
+// a combiner whose sum / max reduce across the warp); every lane gets the combined value.
+struct SerialCombine {
+  template <typename V>
+  KD_HD V sum(V v) const { return v; }
+  template <typename V>
+  KD_HD V max(V v) const { return v; }
+};
+
+// sum_k 2^(x_{i_k} scale2 - sh): the top-k part of S_T, which the tail pass skipped.
+template <typename acc_t, typename scalar_t, typename Combine>
+KD_HD acc_t topk_exp_sum(const scalar_t* x, const int32_t* idx, int64_t k, int64_t vocab, acc_t scale2, acc_t sh,
+                         int64_t first, int64_t stride, const Combine& all) {
+  acc_t s = 0;
+  for (int64_t i = first; i < k; i += stride) {
+    const int32_t id = idx[i];
+    if (id >= 0 && id < vocab) s += exp2_fast(to_acc<acc_t>(x[id]) * scale2 - sh);
+  }
+  return all.sum(s);
+}
+
+struct KDRow {
+  double kd;      // sum over buckets of p (log p - log q), before the T^2 factor
+  double c_rest;  // see TailCoefs
+};
+
+// The KD part of a row from the student's max m and ln S_T (and, with the tail, ln q_tail before
+// the clamp): teacher buckets z_k = logp_k / T (+ z_tail) normalised in double, the KL sum, and
+// this thread's share of topk_grad[k] = c_top q_k - p_k.
+template <typename acc_t, typename scalar_t, typename Combine>
+KD_HD KDRow kd_row(const scalar_t* x, const int32_t* idx, const acc_t* logp, acc_t* topk_grad, int64_t k, int64_t vocab,
+                   bool tail, double temperature, double m, double ln_sum_t, double log_q_tail_raw, int64_t first,
+                   int64_t stride, const Combine& all) {
+  const double inv_t = 1.0 / temperature;
+  double z_max = -INFINITY, mass = 0.0;
+  for (int64_t i = first; i < k; i += stride) {
+    const double lp = static_cast<double>(logp[i]);
+    z_max = lp * inv_t > z_max ? lp * inv_t : z_max;
+    mass += exp(lp);
+  }
+  z_max = all.max(z_max);
+  mass = all.sum(mass);
+  const double z_tail = tail ? teacher_tail_logit(mass, inv_t) : -INFINITY;
+  z_max = z_tail > z_max ? z_tail : z_max;
+  double z_sum = 0.0;
+  for (int64_t i = first; i < k; i += stride) z_sum += exp(static_cast<double>(logp[i]) * inv_t - z_max);
+  z_sum = all.sum(z_sum) + (tail ? exp(z_tail - z_max) : 0.0);
+  const double log_z = log(z_sum);
+  const double log_p_tail = z_tail - z_max - log_z;
+  const double p_tail = tail ? exp(log_p_tail) : 0.0;
+  const TailCoefs coefs = tail_coefs(tail, p_tail, log_p_tail, log_q_tail_raw);
+  double kd = 0.0;
+  for (int64_t i = first; i < k; i += stride) {
+    const int32_t id = idx[i];
+    const double log_q = (id >= 0 && id < vocab) ? (to_acc<double>(to_acc<acc_t>(x[id])) - m) * inv_t - ln_sum_t : NAN;
+    const double log_p = static_cast<double>(logp[i]) * inv_t - z_max - log_z;
+    const double p_k = exp(log_p);
+    kd += kl_term(p_k, log_p, log_q);
+    topk_grad[i] = static_cast<acc_t>(coefs.c_top * exp(log_q) - p_k);
+  }
+  kd = all.sum(kd);
+  if (tail) kd += kl_term(p_tail, log_p_tail, coefs.log_q_tail);
+  return {kd, coefs.c_rest};
+}
+
+// CE_row = lse_1 - x_label = (m - x_label) + ln S_1.
+template <typename acc_t>
+KD_HD double row_ce(acc_t m, double x_label, acc_t sum_1) {
+  return (static_cast<double>(m) - x_label) + log_sum(static_cast<double>(sum_1), m, exp_scale<acc_t>(1.0));
 }
 
 // Row stats saved by the forward for the backward, per row: the max m of the raw logits, the sums

@@ -17,6 +17,7 @@ scripts/results/ (or --out); a short summary is printed last.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import csv
 import datetime
 import os
@@ -107,6 +108,7 @@ def _rss_mib(key):
 def peak_extra_cpu(fn, logits, *args):
     """Peak RSS during forward + backward beyond what lived before, minus the gradient (MiB)."""
     logits.grad = None
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap pages, so reusing them counts as new
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _rss_mib("VmRSS")
     step(fn, logits, *args)

@@ -233,6 +233,13 @@ def test_strided_logits(device):
     assert_matches(view, idx, logp, labels, 1e-5, tail=True, alpha=0.5, temperature=2.0)
 
 
+def test_column_strided_logits():
+    logits, idx, logp, labels = make_inputs(9, 130, 8, seed=20)
+    transposed = logits.t().contiguous().t()
+    assert transposed.stride(1) != 1
+    assert_matches(transposed, idx, logp, labels, 1e-5, tail=True, alpha=0.5)
+
+
 def test_int32_ids_and_labels_match_int64():
     logits, idx, logp, labels = make_inputs(11, 300, 8, seed=16)
     a = sparse_kl(logits, idx, logp, labels, tail=True, alpha=0.5, reduction="none")
@@ -368,5 +375,6 @@ def test_falls_back_to_reference_with_one_warning(monkeypatch):
         sparse_kl(logits, idx, logp, labels, tail=True, alpha=0.5)  # no second warning
     want = sparse_kl_reference(logits, idx, logp, labels, tail=True, alpha=0.5)
     assert torch.equal(got, want)
+    assert torch.equal(sparse_kl(logits, idx.int(), logp, labels.int(), tail=True, alpha=0.5), want)
     with pytest.raises(SparseKLError, match="row 2 holds NaN"):
         sparse_kl(_set(logits, 2, float("nan")), idx, logp, labels)

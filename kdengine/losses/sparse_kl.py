@@ -70,6 +70,10 @@ def sparse_kl(
         per-row statistics rather than by another read of the [N, V] logits.
     """
     _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction)
+    if logits.stride(1) != 1 and logits.shape[1] > 1:
+        logits = logits.contiguous()  # the kernels stream rows; row-strided views need no copy
+    if labels is not None:
+        labels = labels.long()
     checks = _DataChecks(logits, topk_idx, topk_logp, labels, tail, ignore_index)
     ext = _extension_for(logits.device)
     if ext is None:
@@ -84,7 +88,7 @@ def sparse_kl(
             logits,
             topk_idx.to(torch.int32).contiguous(),
             topk_logp.to(acc).contiguous(),
-            None if labels is None else labels.to(torch.int64).contiguous(),
+            None if labels is None else labels.contiguous(),
             checks, ext, tail, float(alpha), float(temperature), int(ignore_index),
         )
     if reduction == "none":
