@@ -38,18 +38,20 @@ constexpr double kLogTailMin = -46.051701859880914;  // ln(kTailMin)
 // 2^y for y <= 0 (y = -inf gives 0, NaN stays NaN). On the GPU this is the MUFU ex2 unit (ftz); on the
 // host a branch-free polynomial the compiler vectorizes: y = n + f with n = round(y), |f| <= 1/2,
 // 2^f = e^r with r = f ln 2, |r| <= 0.347, by its Taylor series to r^7 (truncation < 1e-8
-// relative, below half an fp32 ulp). Results under 2^-125 flush to 0, like the GPU's ftz.
+// relative, below half an fp32 ulp); 2^n is built from the exponent bits. Adding 1.5 * 2^23 rounds
+// y to the integer n and leaves n in the low mantissa bits, so n never goes through a float-to-int
+// conversion (nor through a NaN check: a NaN y makes p NaN whatever the bits). Results under
+// 2^-125 flush to 0, like the GPU's ftz.
 KD_HD float exp2_fast(float y) {
 #if defined(__CUDA_ARCH__)
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
   return r;
 #else
-  const float lo = -125.0f;
-  float yc = y < lo ? lo : (y > 127.0f ? 127.0f : y);  // NaN passes through unchanged
-  float y_finite = (yc == yc) ? yc : 0.0f;             // keep the integer part free of NaN
-  float n = (y_finite + 12582912.0f) - 12582912.0f;    // round to nearest via 1.5 * 2^23
-  float r = (yc - n) * 0.69314718f;
+  const float lo = -125.0f, shifter = 12582912.0f;
+  const float yc = y < lo ? lo : y;
+  const float t = yc + shifter;
+  const float r = (yc - (t - shifter)) * 0.69314718f;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -58,9 +60,12 @@ KD_HD float exp2_fast(float y) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  int32_t t_bits, shifter_bits;
+  std::memcpy(&t_bits, &t, sizeof(t));
+  std::memcpy(&shifter_bits, &shifter, sizeof(shifter));
+  const uint32_t scale_bits = static_cast<uint32_t>(t_bits - shifter_bits + 127) << 23;
   float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
   return y < lo ? 0.0f : p * scale;
 #endif
 }
