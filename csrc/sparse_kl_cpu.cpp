@@ -136,6 +136,12 @@ KD_INLINE void forward_row(const ForwardParams& p, int64_t r, int32_t* ids_buf) 
   stats[kStatCRest] = static_cast<acc_t>(kd.c_rest);
 }
 
+template <bool kCeSep, typename scalar_t, typename acc_t>
+KD_INLINE void dense_row(const scalar_t* x, scalar_t* dx, int64_t n, const DenseCoefs<acc_t>& c, acc_t scale2) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dx[j] = static_cast<scalar_t>(dense_grad<kCeSep>(static_cast<acc_t>(x[j]), c, scale2));
+}
+
 template <typename scalar_t>
 KD_INLINE void backward_row(const BackwardParams& p, int64_t r) {
   using acc_t = typename AccOf<scalar_t>::type;
@@ -151,8 +157,10 @@ KD_INLINE void backward_row(const BackwardParams& p, int64_t r) {
   const acc_t* stats = static_cast<const acc_t*>(p.row_stats) + r * kRowStats;
   const acc_t scale2 = exp_scale<acc_t>(p.temperature);
   const DenseCoefs<acc_t> c = dense_coefs(stats, w, p.alpha, p.temperature, p.with_ce, scale2);
-#pragma omp simd
-  for (int64_t j = 0; j < V; ++j) dx[j] = static_cast<scalar_t>(dense_grad(static_cast<acc_t>(x[j]), c, scale2));
+  if (c.ce_separate)
+    dense_row<true>(x, dx, V, c, scale2);
+  else
+    dense_row<false>(x, dx, V, c, scale2);
 
   // The top-k ids and the label get their full value, computed once in the accumulation type.
   const int32_t* idx = p.topk_idx + r * K;
@@ -168,7 +176,8 @@ KD_INLINE void backward_row(const BackwardParams& p, int64_t r) {
   }
   if (p.with_ce && !label_in_topk && label >= 0 && label < V) {
     const acc_t xl = static_cast<acc_t>(x[label]);
-    dx[label] = static_cast<scalar_t>(dense_grad(xl, c, scale2) - static_cast<acc_t>(w * (1.0 - p.alpha)));
+    const acc_t dense = c.ce_separate ? dense_grad<true>(xl, c, scale2) : dense_grad<false>(xl, c, scale2);
+    dx[label] = static_cast<scalar_t>(dense - static_cast<acc_t>(w * (1.0 - p.alpha)));
   }
 }
 

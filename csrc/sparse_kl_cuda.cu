@@ -238,13 +238,6 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   }
 }
 
-template <bool kCeSep>
-__device__ __forceinline__ float dense_value(float x, const DenseCoefs<float>& c, float scale2, float l2e) {
-  float g = c.a * exp2_fast(fmaf(x, scale2, -c.sh));
-  if (kCeSep) g += c.b * exp2_fast(fmaf(x, l2e, -c.sh1));
-  return g;
-}
-
 template <typename T, bool kCeSep>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardParams p) {
   __shared__ int label_in_topk;
@@ -260,12 +253,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardParams
   const bool zero_row = (p.labels && label == p.ignore_index) || w == 0.0;
   if (tid == 0) label_in_topk = 0;
 
-  const float scale2 = exp_scale<float>(p.temperature), l2e = exp_scale<float>(1.0);
+  const float scale2 = exp_scale<float>(p.temperature);
   DenseCoefs<float> c{0.f, 0.f, 0.f, 0.f, false};
   if (!zero_row) c = dense_coefs(stats, w, p.alpha, p.temperature, p.with_ce, scale2);
   // Ignored rows (and rows whose loss has zero weight) only write zeros.
   auto value_at = [&](int64_t j) {
-    return from_float<T>(zero_row ? 0.f : dense_value<kCeSep>(to_float(x[j]), c, scale2, l2e));
+    return from_float<T>(zero_row ? 0.f : dense_grad<kCeSep>(to_float(x[j]), c, scale2));
   };
   if ((reinterpret_cast<uintptr_t>(x) & 15) != (reinterpret_cast<uintptr_t>(dx) & 15)) {
     // x and dx misaligned differently (a strided logits view): no common vector path.
@@ -300,7 +293,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardParams
         } else {
           unpack<T>(raw[u], v);
 #pragma unroll
-          for (int e = 0; e < kN; ++e) v[e] = dense_value<kCeSep>(v[e], c, scale2, l2e);
+          for (int e = 0; e < kN; ++e) v[e] = dense_grad<kCeSep>(v[e], c, scale2);
         }
         body_dx[i] = pack<T>(v);
       }
@@ -321,7 +314,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const BackwardParams
   }
   __syncthreads();
   if (tid == 0 && p.with_ce && !label_in_topk && label >= 0 && label < V) {
-    const float v = dense_value<kCeSep>(to_float(x[label]), c, scale2, l2e);
+    const float v = dense_grad<kCeSep>(to_float(x[label]), c, scale2);
     dx[label] = from_float<T>(v - static_cast<float>(w * (1.0 - p.alpha)));
   }
 }

@@ -272,10 +272,11 @@ KD_HD DenseCoefs<acc_t> dense_coefs(const acc_t* stats, double w, double alpha, 
           ce_separate};
 }
 
-template <typename acc_t>
+// kCeSep = c.ce_separate, as a template parameter so that the T = 1 loop carries no second exp.
+template <bool kCeSep, typename acc_t>
 KD_HD acc_t dense_grad(acc_t x, const DenseCoefs<acc_t>& c, acc_t scale2) {
   acc_t g = c.a * exp2_fast(x * scale2 - c.sh);
-  if (c.ce_separate) g += c.b * exp2_fast(x * exp_scale<acc_t>(1.0) - c.sh1);
+  if (kCeSep) g += c.b * exp2_fast(x * exp_scale<acc_t>(1.0) - c.sh1);
   return g;
 }
 
