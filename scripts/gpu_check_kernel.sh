@@ -20,6 +20,7 @@ cd "$(dirname "$0")/.."
 out="${OUT:-logs/gpu_check_kernel}"
 mkdir -p "$out"
 python="${PYTHON:-python}"
+export PYTHON="$python"  # scripts/check_cuda_compile.sh checks bindings.cpp with it
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" KDENGINE_FORCE_CUDA=1
 stages=("$@")
@@ -83,7 +84,7 @@ for stage in "${stages[@]}"; do
     test) run_stage test 240 env KDENGINE_REQUIRE_CUDA=1 "$python" -m pytest -q -rs tests/test_sparse_kl.py ;;
     memcheck) run_stage memcheck 180 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 1 "$python" "$sanitize_case" ;;
     racecheck) run_stage racecheck 180 "$sanitizer" --tool racecheck --error-exitcode 1 "$python" "$sanitize_case" ;;
-    bench) run_stage bench 420 "$python" scripts/bench_sparse_kl.py --device cuda --out "$out" ;;
+    bench) run_stage bench 420 "$python" scripts/bench_sparse_kl.py --device cuda --repeat 10 --out "$out" ;;
     *) echo "unknown stage '$stage' (env build ptxas test memcheck racecheck bench)"; exit 2 ;;
   esac
 done

@@ -349,6 +349,13 @@ def test_data_errors(case):
         sparse_kl(args["logits"], args["topk_idx"], args["topk_logp"], args["labels"], **options)
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_device_mismatch():
+    v = _valid()
+    with pytest.raises(SparseKLError, match=r"topk_idx must be on the logits' device cuda:0, got cpu"):
+        sparse_kl(v["logits"].cuda(), v["topk_idx"], v["topk_logp"].cuda(), v["labels"].cuda())
+
+
 def test_bad_values_in_ignored_rows_are_fine():
     v = _valid()
     labels = _set(v["labels"], 3, -100)
