@@ -109,11 +109,13 @@ def straight_run(store_dir, student_dir, tmp_path_factory):
     return out
 
 
-def test_stop_and_resume_is_exact(store_dir, student_dir, straight_run, tmp_path):
+def test_stop_and_resume_is_exact(store_dir, student_dir, straight_run, tmp_path, capsys):
     main(_args(student_dir, store_dir, tmp_path, "--steps", 40, "--alpha", 0.5, "--stop-after", 17))
     assert not (tmp_path / "final").exists()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000017"]
+    capsys.readouterr()
     main(_args(student_dir, store_dir, tmp_path, "--steps", 40, "--alpha", 0.5, "--resume"))
+    assert "step-00000017 (step 17)" in capsys.readouterr().err
     _assert_same_weights(straight_run / "final", tmp_path / "final")
     straight, resumed = _records(straight_run), _records(tmp_path)
     assert [r["step"] for r in resumed] == list(range(1, 41))
@@ -121,7 +123,7 @@ def test_stop_and_resume_is_exact(store_dir, student_dir, straight_run, tmp_path
 
 
 @pytest.mark.slow
-def test_kill_9_between_saves_then_resume(store_dir, student_dir, straight_run, tmp_path):
+def test_kill_9_between_saves_then_resume(store_dir, student_dir, straight_run, tmp_path, capsys):
     args = _args(student_dir, store_dir, tmp_path, "--steps", 40, "--alpha", 0.5, "--save-every", 5, "--workers", 2)
     proc = subprocess.Popen([sys.executable, TRAIN_SCRIPT, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = tmp_path / "checkpoints"
@@ -136,7 +138,9 @@ def test_kill_9_between_saves_then_resume(store_dir, student_dir, straight_run, 
     assert not (tmp_path / "final").exists()
     killed_at = max(int(p.name.split("-")[1]) for p in ckpts.iterdir() if p.name.startswith("step-"))
     assert killed_at < 40
+    capsys.readouterr()
     main(_args(student_dir, store_dir, tmp_path, "--steps", 40, "--alpha", 0.5, "--save-every", 5, "--resume"))
+    assert f"step-{killed_at:08d} (step {killed_at})" in capsys.readouterr().err
     _assert_same_weights(straight_run / "final", tmp_path / "final")
     assert [r["loss"] for r in _records(tmp_path)] == pytest.approx([r["loss"] for r in _records(straight_run)], rel=1e-6)
 
