@@ -236,3 +236,12 @@ def test_cli_and_script_share_flags():
     for flag in ("--student", "--store", "--out", "--steps", "--lr", "--batch-tokens", "--alpha", "--temperature",
                  "--tail", "--eval-every", "--save-every", "--log-every", "--seed", "--resume", "--fsdp"):
         assert flag in script.stdout
+
+
+def test_gradient_checkpointing_takes_the_same_steps(store_dir, student_dir, tmp_path):
+    flags = ["--steps", 3, "--tail", "--temperature", 2, "--alpha", 0.7]
+    main(_args(student_dir, store_dir, tmp_path / "plain", *flags))
+    main(_args(student_dir, store_dir, tmp_path / "ckpt", *flags, "--grad-checkpointing"))
+    plain, ckpt = _records(tmp_path / "plain"), _records(tmp_path / "ckpt")
+    assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
+    _assert_same_weights(tmp_path / "plain" / "final", tmp_path / "ckpt" / "final")
