@@ -1,5 +1,13 @@
-"""Training a student against a top-k store: `main(argv)` is the one entry point behind both
-`scripts/train.py` and `kdengine train`; `make_student` builds a student from a teacher."""
+"""Training a student against a top-k store.
+
+`main(argv)` is the one entry point behind both `scripts/train.py` and `kdengine train`;
+`kdengine.train.student.make_student` builds a student from a teacher (`kdengine make-student`).
+
+Modules: config (flags -> TrainConfig), student (initialisation), guard (tokenizer/vocab check),
+data (held-out split, token-budget batches, rank split, collation), model (target-row logits),
+optim (AdamW, warmup + cosine), distributed (torchrun env, DDP/FSDP2), checkpoint (atomic save,
+newest-complete discovery), loop (the run).
+"""
 from __future__ import annotations
 
 from kdengine.train.errors import TrainError
