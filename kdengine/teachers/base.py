@@ -8,14 +8,25 @@ it to generate greedily.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, Union
 
 import torch
+
+Prompt = Union[str, Sequence[int]]  # plain text, or token ids already encoded (see encoding.py)
+
+
+class TeacherError(Exception):
+    """A teacher cannot be loaded or used as asked: the message names the path or option and the fix."""
 
 
 @dataclass
 class Generation:
-    """One greedy completion: the decoded text (stop string excluded) and how many tokens it took."""
+    """One greedy completion.
+
+    text: the decoded continuation, without the EOS token, the stop string or anything after it.
+    new_tokens: tokens generated for it, counting the EOS or the token that completed the stop string
+        (the work spent, for tokens/s).
+    """
 
     text: str
     new_tokens: int
@@ -39,8 +50,18 @@ class Teacher(Protocol):
         """
         ...
 
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str]) -> list[Generation]:
-        """Greedy continuations of already-formatted prompts, batched, stopping at EOS or any `stop` string."""
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[Generation]:
+        """Greedy continuations of already-formatted prompts, one batch, stopping at EOS or any `stop` string.
+
+        Args:
+            prompts: each either plain text (encoded with `encoding.encode_text`: the tokenizer's BOS
+                convention) or token ids (e.g. `encoding.encode_chat(..., add_generation_prompt=True)`
+                for a chat prompt, which must not get a second BOS).
+            max_new_tokens: at most this many tokens per prompt.
+            stop: strings that end a completion; they are searched in the generated text only.
+        Returns:
+            One Generation per prompt, in order.
+        """
         ...
 
 
