@@ -20,6 +20,7 @@ class VerifyReport:
     shards: int = 0
     samples: int = 0
     problems: list[str] = field(default_factory=list)
+    bad_files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -44,6 +45,7 @@ def verify_store(directory: str | Path, *, progress: bool = True) -> VerifyRepor
         problem = _check_shard(store, which, entry, directory, bar)
         if problem:
             report.problems.append(f"{entry['file']}: {problem}")
+            report.bad_files.append(entry["file"])
         else:
             report.samples += entry["samples"]
     bar.close()

@@ -158,9 +158,12 @@ class StoreWriter:
         parts = _read_parts(self.directory)
         for part_rank, part in parts.items():
             _check_same_dump(part["header"], _header_dict(header), self.directory / part_name(part_rank))
-        self.done_chunks = {s["chunk"] for part in parts.values() for s in part["shards"]}
         mine = parts.get(rank)
         self._part = mine if mine is not None else {"rank": rank, "header": _header_dict(header), "shards": []}
+        # A listed shard whose file is gone or has another size is not done: it is written again.
+        self.done_chunks = {s["chunk"] for s in self._part["shards"]
+                            if (self.directory / s["file"]).is_file()
+                            and (self.directory / s["file"]).stat().st_size == s["bytes"]}
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
@@ -206,6 +209,22 @@ class StoreWriter:
     def _save_part(self) -> dict:
         write_atomic(self.directory / part_name(self.rank), dump_json(self._part))
         return merge_manifest(self.directory)
+
+
+def drop_shards(directory: str | Path, files: list[str]) -> None:
+    """Removes shards from their rank's manifest part and deletes their files, so that re-running the
+    dump writes them again (`kdengine verify --drop-bad`). Do not run it while a dump is writing."""
+    directory = Path(directory)
+    files = set(files)
+    for part_rank, part in _read_parts(directory).items():
+        keep = [s for s in part["shards"] if s["file"] not in files]
+        if len(keep) != len(part["shards"]):
+            part["shards"] = keep
+            part.pop("finished", None)
+            write_atomic(directory / part_name(part_rank), dump_json(part))
+    for name in files:
+        (directory / name).unlink(missing_ok=True)
+    merge_manifest(directory)
 
 
 def merge_manifest(directory: str | Path) -> dict:
@@ -276,10 +295,27 @@ def _header_dict(header: StoreHeader) -> dict:
             "codec_params": header.codec_params, "config": header.config}
 
 
-def _check_same_dump(old: dict, new: dict, where: Path) -> None:
+def check_dump_settings(directory: str | Path, settings: dict) -> None:
+    """Refuses early (before a teacher loads) a directory dumped with other settings.
+
+    Args:
+        settings: a subset of the header keys (teacher, k, codec, ..., config); only these are compared.
+    Raises:
+        StoreError: a key differs (the message names it, both values and what to do), or the
+            directory's parts are unreadable.
+    """
+    directory = Path(directory)
+    if not (directory / PARTS_DIR).is_dir():
+        return
+    for part_rank, part in _read_parts(directory).items():
+        _check_same_dump(part["header"], settings, directory / part_name(part_rank), only_given=True)
+
+
+def _check_same_dump(old: dict, new: dict, where: Path, *, only_given: bool = False) -> None:
     flat_old = {**{k: v for k, v in old.items() if k != "config"}, **old.get("config", {})}
     flat_new = {**{k: v for k, v in new.items() if k != "config"}, **new.get("config", {})}
-    for key in sorted(set(flat_old) | set(flat_new)):
+    keys = set(flat_new) if only_given else set(flat_old) | set(flat_new)
+    for key in sorted(keys):
         if flat_old.get(key) != flat_new.get(key):
             raise StoreError(
                 f"{where.parent.parent} was dumped with {key}={flat_old.get(key)!r}, this run has "
