@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from kdengine.corpus import Sample, check_corpus, tokenize_corpus
-from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter
+from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter, codec_names
 from kdengine.store.writer import check_dump_settings
 from kdengine.teachers import load_teacher, topk_logprobs
 
@@ -85,8 +85,12 @@ class DumpError(Exception):
     """A dump that cannot start or go on; the message says why and what to do."""
 
 
-def dump(cfg: DumpConfig) -> DumpSummary:
+def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
     """Runs the dump for this process's rank.
+
+    Args:
+        cfg: the settings.
+        teacher: an already loaded teacher for cfg.teacher (e.g. to time several runs); default: load it.
 
     Raises:
         DumpError: bad settings (rank, sizes).
@@ -98,23 +102,23 @@ def dump(cfg: DumpConfig) -> DumpSummary:
     for name in ("top_k", "batch_size", "shard_samples"):
         if getattr(cfg, name) < 1:
             raise DumpError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.codec not in codec_names():
+        raise DumpError(f"unknown codec {cfg.codec!r}; choose one of {', '.join(codec_names())}")
     checked = check_corpus(cfg.data, skip_bad_lines=cfg.skip_bad_lines)  # fail fast, before the model loads
-    settings = {
-        "teacher": _teacher_name(cfg.teacher), "k": cfg.top_k, "codec": cfg.codec,
-        "config": _config(cfg, _sha256(cfg.data), world_size),
-    }
-    check_dump_settings(cfg.out, settings)
+    config = _config(cfg, _sha256(cfg.data), world_size)
+    check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "config": config})
 
     device = cfg.device
     if device == "cuda" and world_size > 1 and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
-    teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=device, dtype=cfg.dtype)
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=device, dtype=cfg.dtype)
     corpus = tokenize_corpus(checked, teacher.tokenizer, chat=cfg.chat, max_length=cfg.max_length,
                              skip_bad_lines=cfg.skip_bad_lines, progress=cfg.progress and rank == 0)
     codec_params = {} if cfg.codec == "raw" else {"delta": 1 / 1100, "zstd_level": 1}
     header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
                          vocab_size=teacher.vocab_size, k=cfg.top_k, codec=cfg.codec, codec_params=codec_params,
-                         config=settings["config"])
+                         config=config)
     if cfg.top_k > teacher.vocab_size:
         raise DumpError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
     writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size)
@@ -270,13 +274,10 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 def _config(cfg: DumpConfig, data_sha256: str, world_size: int) -> dict:
     """The settings a resumed dump must repeat (FORMAT.md): what changes a shard's contents or owner."""
-    return {"data": str(Path(cfg.data).resolve()), "data_sha256": data_sha256, "max_length": cfg.max_length,
+    return {"teacher_path": str(Path(cfg.teacher).expanduser().resolve()), "data": str(Path(cfg.data).resolve()),
+            "data_sha256": data_sha256, "max_length": cfg.max_length,
             "chat": cfg.chat, "skip_bad_lines": cfg.skip_bad_lines, "shard_samples": cfg.shard_samples,
             "world_size": world_size, "backend": cfg.backend, "dtype": cfg.dtype}
-
-
-def _teacher_name(path: str) -> str:
-    return str(Path(path).expanduser().resolve())
 
 
 def _sha256(path: str) -> str:

@@ -159,7 +159,7 @@ def test_changed_data_or_teacher_is_refused_before_the_model_loads(dumped, tmp_p
     shutil.copy(cfg.data, data)
     with pytest.raises(StoreError, match=r"was dumped with data=.*data\.jsonl"):  # same bytes, other file
         dump(DumpConfig(**{**cfg.__dict__, "out": str(out), "data": str(data)}))
-    with pytest.raises(StoreError, match="was dumped with teacher="):
+    with pytest.raises(StoreError, match="was dumped with teacher_path="):
         dump(DumpConfig(**{**cfg.__dict__, "out": str(out), "teacher": str(tmp_path / "no-such-model")}))
 
 

@@ -233,7 +233,7 @@ class SqrtCodec:
         reader = _ByteReader(np.frombuffer(data, np.uint8))
         # Pass 1: read every symbol stream; each part knows how many low bits its symbols carry.
         parts = []  # (kind, where, symbols, low-bit counts), in the encoder's order
-        head_sym = reader.take(2 * n_pos).astype(np.int64)
+        head_sym = reader.take(2 * n_pos)
         parts.append(("head", None, head_sym, _bucket_nbits(head_sym, _HEAD_SUB)))
         step = np.zeros((n_pos, max(k - 1, 0)), np.int64)
         for lo, hi in self._groups:
@@ -255,7 +255,7 @@ class SqrtCodec:
             if lo > 0:
                 tie_start = step[:, lo - 1:hi - 1] > 0  # escaped steps are > 0 too
             for mask in (tie_start, ~tie_start):
-                sym = reader.take(int(mask.sum())).astype(np.int64)
+                sym = reader.take(int(mask.sum()))
                 parts.append(("id", (lo, hi, mask), sym, _bucket_nbits(sym, _ID_SUB)))
         if reader.remaining:
             raise CodecError(f"{reader.remaining} bytes left over after the last stream")
@@ -357,15 +357,24 @@ def _bucket(values, sub):
     return sym, nbits, a - (top << nbits)
 
 
+def _symbol_tables(sub):
+    """For every byte symbol: how many low bits follow it, and the value's leading bits."""
+    sym = np.arange(256, dtype=np.int64)
+    nbits = np.where(sym < (2 << sub), 0, (sym >> sub) - 1)
+    top = np.where(sym < (2 << sub), sym, (sym & ((1 << sub) - 1)) | (1 << sub))
+    return nbits, top
+
+
+_TABLES = {sub: _symbol_tables(sub) for sub in (_ID_SUB, _HEAD_SUB)}
+
+
 def _bucket_nbits(sym, sub):
-    sym = np.asarray(sym, dtype=np.int64)
-    return np.where(sym < (2 << sub), 0, (sym >> sub) - 1)
+    return _TABLES[sub][0][sym]
 
 
 def _unbucket(sym, low, sub):
-    nbits = _bucket_nbits(sym, sub)
-    top = np.where(sym < (2 << sub), sym, (sym & ((1 << sub) - 1)) | (1 << sub))
-    return ((top << nbits) | low) - 1
+    nbits, top = _TABLES[sub]
+    return ((top[sym] << nbits[sym]) | low) - 1
 
 
 def _pack_bits(values, nbits) -> bytes:
@@ -380,21 +389,22 @@ def _pack_bits(values, nbits) -> bytes:
 
 
 def _unpack_bits(buf, nbits):
+    """Inverse of _pack_bits: reads each field through an 8-byte big-endian window at its first byte
+    (fields are at most 57 bits wide)."""
     nbits = np.asarray(nbits, dtype=np.int64)
     total = int(nbits.sum())
-    out = np.zeros(nbits.size, np.int64)
-    if total == 0:
-        return out
     raw = np.frombuffer(buf, np.uint8)
     if raw.size != (total + 7) // 8:
         raise CodecError(f"expected {(total + 7) // 8} bytes of low bits, got {raw.size}")
-    bits = np.unpackbits(raw, count=total).astype(np.int64)
-    owner = np.repeat(np.arange(nbits.size), nbits)
-    ends = np.cumsum(nbits)
-    weighted = bits << (ends[owner] - 1 - np.arange(total))
-    has = nbits > 0
-    out[has] = np.add.reduceat(weighted, (ends - nbits)[has])
-    return out
+    if total == 0:
+        return np.zeros(nbits.size, np.int64)
+    starts = np.cumsum(nbits) - nbits
+    padded = np.concatenate([raw, np.zeros(8, np.uint8)])
+    windows = np.lib.stride_tricks.as_strided(padded, shape=(raw.size + 1, 8), strides=(1, 1))
+    words = windows[starts >> 3].view(">u8").ravel()
+    shift = (64 - (starts & 7) - nbits).astype(np.uint64)
+    mask = (np.uint64(1) << nbits.astype(np.uint64)) - np.uint64(1)
+    return ((words >> shift) & mask).astype(np.int64)
 
 
 def _undo_gaps(value, tie_start):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,8 @@ class TopKStore(torch.utils.data.Dataset):
     codec_params, num_tokens, num_positions, complete.
     """
 
+    MAX_OPEN_SHARDS = 64
+
     def __init__(self, directory: str | Path):
         self.path = Path(directory)
         self.manifest = load_manifest(self.path)
@@ -61,7 +64,7 @@ class TopKStore(torch.utils.data.Dataset):
         self._starts = np.cumsum([0] + [s["samples"] for s in self._shards]).tolist()
         self.num_tokens = sum(s["tokens"] for s in self._shards)
         self.num_positions = sum(s["positions"] for s in self._shards)
-        self._open: dict[int, _Shard] = {}
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -76,11 +79,16 @@ class TopKStore(torch.utils.data.Dataset):
         return self.shard(which).sample(i - self._starts[which])
 
     def shard(self, which: int) -> "_Shard":
-        """The opened shard number `which` (manifest order), opening it in this process if needed."""
+        """The opened shard number `which` (manifest order), opening it in this process if needed; at
+        most MAX_OPEN_SHARDS stay open (least recently used closed first)."""
         if self._pid != os.getpid():  # forked into a DataLoader worker: the parent's handles are not ours
-            self._open, self._pid = {}, os.getpid()
-        if which not in self._open:
+            self._open, self._pid = OrderedDict(), os.getpid()
+        if which in self._open:
+            self._open.move_to_end(which)
+        else:
             self._open[which] = _Shard(self.path, self._shards[which], self.manifest)
+            if len(self._open) > self.MAX_OPEN_SHARDS:
+                self._open.popitem(last=False)
         return self._open[which]
 
     @property
@@ -89,7 +97,7 @@ class TopKStore(torch.utils.data.Dataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_open"] = {}
+        state["_open"] = OrderedDict()
         return state
 
 
