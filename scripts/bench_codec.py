@@ -105,7 +105,8 @@ class SortDelta12:
         ids = np.take_along_axis(idx, order, 1).astype(np.int64)
         gaps = np.diff(ids, axis=1, prepend=0).astype(np.uint16)
         q = np.clip(np.rint(-np.take_along_axis(logp, order, 1) / self.LO * 4095), 0, 4095).astype(np.uint16)
-        planes = [gaps.view(np.uint8)[..., 0], gaps.view(np.uint8)[..., 1], (q & 255).astype(np.uint8), (q >> 8).astype(np.uint8)]
+        planes = [(gaps & 255).astype(np.uint8), (gaps >> 8).astype(np.uint8),
+                  (q & 255).astype(np.uint8), (q >> 8).astype(np.uint8)]
         return self.zc.compress(b"".join(p.tobytes() for p in planes))
 
     def decode(self, frame):
@@ -131,10 +132,10 @@ class ProbOrderSqrt:
         tail = np.maximum(1 - p.sum(1), 0)
         lv = np.clip(np.rint(np.sqrt(np.concatenate([p, tail[:, None]], 1)) / self.delta), 1, 65535).astype(np.int64)
         lv[:, :K] = np.minimum.accumulate(lv[:, :K], axis=1)  # keep the teacher's order monotone
-        steps = np.concatenate([lv[:, :1], lv[:, :1] - lv[:, 1:K]], 1)
-        heads = np.stack([steps[:, 0], lv[:, K]], 1).astype("<u2")
-        body = heads.tobytes() + np.minimum(steps[:, 1:], 255).astype(np.uint8).tobytes()
-        esc = steps[:, 1:][steps[:, 1:] >= 255].astype("<u2").tobytes()
+        steps = lv[:, :K - 1] - lv[:, 1:K]
+        heads = np.stack([lv[:, 0], lv[:, K]], 1).astype("<u2")
+        body = heads.tobytes() + np.minimum(steps, 255).astype(np.uint8).tobytes()
+        esc = steps[steps >= 255].astype("<u2").tobytes()
         return b"".join(len(x).to_bytes(4, "little") + x for x in (
             self.zc.compress(body), self.zc.compress(idx.astype("<u4").tobytes()), esc))
 
@@ -149,7 +150,7 @@ class ProbOrderSqrt:
         n = ids.size // K
         heads = body[:4 * n].view("<u2").reshape(n, 2).astype(np.int64)
         steps = body[4 * n:].reshape(n, K - 1).astype(np.int64)
-        steps[steps == 255] = np.frombuffer(parts[2], "<u2")
+        steps[steps == 255] = np.frombuffer(parts[2], "<u2")  # the escaped steps, stored whole
         lv = np.concatenate([heads[:, :1], heads[:, :1] - np.cumsum(steps, 1)], 1).astype(np.float64) * self.delta
         tail = heads[:, 1] * self.delta
         logp = 2 * np.log(lv) - np.log((lv * lv).sum(1) + tail * tail)[:, None]
@@ -218,9 +219,16 @@ def main():
         ("`sqrt`, vocab order learned on the test set itself (oracle), d=1/1100",
          sqrt(DEFAULT_DELTA, learn_vocab_order(idx, VOCAB)), False),
     ]
+    # Longer samples make longer frames: the same positions cut into frames of >= 1024 positions.
+    long_offsets = [0]
+    for end in offsets[1:]:
+        if end - long_offsets[-1] >= 1024 or end == offsets[-1]:
+            long_offsets.append(end)
+    variants.append(("`sqrt` as chosen, but frames of >= 1024 positions (longer samples)",
+                     sqrt(DEFAULT_DELTA, learned[32768]), False, np.array(long_offsets)))
     rows = []
-    for name, codec, chosen in variants:
-        r = measure(codec, idx, logp, offsets)
+    for name, codec, chosen, *frames in variants:
+        r = measure(codec, idx, logp, frames[0] if frames else offsets)
         rows.append((name, chosen, r))
         print(f"{name}: {r['bytes_per_pos']:.1f} B/pos, KL {r['kl_mean']:.2e}, enc {r['enc_pos_s']:.0f}/s, "
               f"dec {r['dec_pos_s']:.0f}/s", file=sys.stderr)
@@ -243,7 +251,34 @@ def render(rows, n_pos, n_frames) -> str:
             f"| {mark}{name} | {r['bytes_per_pos']:.1f} | {r['kl_mean']:.2e} | {r['kl_max']:.2e} | "
             f"{r['kl_topk_mean']:.2e} | {r['logp_err_max']:.3f} | {r['logp_err_max_p1e3']:.4f} | "
             f"{r['tail_err_max']:.2e} | {r['sum_max']:.6f} | {r['enc_pos_s']:,.0f} | {r['dec_pos_s']:,.0f} |")
-    return "\n".join(lines) + "\n"
+    chosen = next(r for _, c, r in rows if c)
+    verdict = (f"\nTarget (K=64: <= 100 B/position at mean KL <= 1e-5, encode >= 50k and decode >= 100k "
+               f"positions/s): chosen default {chosen['bytes_per_pos']:.1f} B/position at KL {chosen['kl_mean']:.2e}, "
+               f"encode {chosen['enc_pos_s']:,.0f}/s, decode {chosen['dec_pos_s']:,.0f}/s; size "
+               f"{'met' if chosen['bytes_per_pos'] <= 100 and chosen['kl_mean'] <= 1e-5 else 'NOT met'}.\n")
+    return "\n".join(lines) + "\n" + verdict + NOTES
+
+
+NOTES = """
+Reading the table: KL top-k is KL between the renormalized top-k alone (the metric behind the issue's
+"150 B at 1.5e-6" baseline, which the sort-delta row reproduces); the K+1-bucket KL also charges
+errors in the tail mass, which the fp16 and 12-bit rows get wrong (their sum of p can exceed 1).
+`sqrt` keeps both KLs equal, sum p < 1, and |sqrt(p) error| <= delta*(1+sqrt(K+1)); large |dlogp|
+only occurs for entries with p < ~1e-6, whose probability error is below delta^2.
+
+Tried in prototypes and dropped (sizes at d=1/1100 on the same frames, not re-run by this script):
+- ids coded as a copy (distance back to the same token in the sample's own input) when possible:
+  +3 B/pos (the copied ids are mostly frequent tokens that the vocabulary order already makes cheap);
+- more column groups (8 streams per kind instead of 4): +1 to +2 B/pos (more zstd Huffman tables
+  per frame); one zstd block for all streams: +7 B/pos (one table for mixed statistics);
+- zstd levels 3 and 9 instead of 1: +0.5 to +1 B/pos (LZ matches cost more than they save) and slower;
+- zstd dictionaries trained on earlier frames (one for the frame, or one per stream): +0 to +1.5 B/pos;
+- 3 or 4 mantissa bits in the id symbols instead of 2: +-0.1 B/pos (the low bits are near uniform).
+Where the bytes go (chosen default): ids ~82 B/pos (45 B zstd-coded bucket symbols + 37 B raw low
+bits), level steps ~21 B/pos, heads (top-1 level, tail level) ~2 B/pos. The order-0 entropy of this
+representation at this KL is ~97-100 B/pos (set of ids ~48 B, sorted levels ~21 B, which id has which
+level ~30 B). Going lower needs context modelling (an adaptive arithmetic coder), i.e. compiled code.
+"""
 
 
 if __name__ == "__main__":

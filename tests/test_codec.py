@@ -32,7 +32,8 @@ def _align(true_idx, true_logp, got_idx, got_logp):
     """Both sides sorted by id per row; asserts the id sets are equal."""
     ts, gs = np.argsort(true_idx, 1), np.argsort(got_idx, 1)
     np.testing.assert_array_equal(np.take_along_axis(true_idx, ts, 1), np.take_along_axis(got_idx, gs, 1))
-    return np.take_along_axis(true_logp.astype(np.float64), ts, 1), np.take_along_axis(got_logp.astype(np.float64), gs, 1)
+    true = np.take_along_axis(true_logp.astype(np.float64), ts, 1)
+    return true, np.take_along_axis(got_logp.astype(np.float64), gs, 1)
 
 
 def _true_logp_in_order(idx, logp, got_idx):

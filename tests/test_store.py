@@ -85,7 +85,8 @@ def test_round_trip_matches_the_teachers_topk(dumped, tiny_model_dir):
         np.testing.assert_array_equal(got["positions"].numpy(), want.positions)
         assert got["topk_idx"].dtype == torch.int32 and got["topk_logp"].dtype == torch.float32
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.from_numpy(want.input_ids[None].astype(np.int64))).logits[0].float(), -1)
+            ids = torch.from_numpy(want.input_ids[None].astype(np.int64))
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
         ref_val, ref_idx = logp[got["positions"]].topk(K + 1, dim=-1)
         for row in range(len(want.positions)):
             if ref_val[row, K - 1] - ref_val[row, K] < 1e-4:  # a near-tie at the K-th place: ids may swap

@@ -80,6 +80,12 @@ def _check_shard(store, which, entry, directory, bar) -> str | None:
         shard = store.shard(which)
         if len(shard) != entry["samples"]:
             return f"holds {len(shard)} samples, the manifest says {entry['samples']}"
+        per_shard = store.manifest.get("dump", {}).get("shard_samples")
+        if per_shard:
+            first = entry["chunk"] * per_shard
+            if shard.sample_index.tolist() != list(range(first, first + len(shard))):
+                return (f"holds corpus samples starting {shard.sample_index.tolist()[:3]}, chunk {entry['chunk']} "
+                        f"should hold {first}..{first + len(shard) - 1}")
         positions = 0
         for j in range(len(shard)):
             sample = shard.sample(j)
