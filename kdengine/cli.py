@@ -69,7 +69,8 @@ def dump(teacher, data, out, top_k, backend, max_length, batch_size, shard_sampl
         f"dump{rank_note}: {s.samples} samples, {s.tokens} tokens, {s.positions} positions in "
         f"{s.shards_written} new shards ({s.shards_already_done} already done); truncated {s.truncated}, "
         f"skipped {len(s.skipped) + len(s.bad_lines)}; {s.bytes_per_position:.1f} bytes/position; "
-        f"{s.tokens_per_second:,.0f} tokens/s")
+        f"{s.tokens_per_second:,.0f} tokens/s (encoder thread busy {s.encoder_cpu_seconds:.1f} s of "
+        f"{s.seconds:.1f} s)")
     click.echo(f"store {out}: " + ("complete" if s.store_complete else
                                    "incomplete (other ranks still running, or re-run to finish)"))
 

@@ -70,6 +70,7 @@ class DumpSummary:
     skipped: list[str] = field(default_factory=list)
     bad_lines: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    encoder_cpu_seconds: float = 0.0  # CPU time of the encoder thread (encoding + writing shards)
     store_complete: bool = False
 
     @property
@@ -149,6 +150,7 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
     finally:
         bar.close()
     summary.seconds = time.perf_counter() - start
+    summary.encoder_cpu_seconds = encoder.cpu_seconds
     for entry in written:
         summary.samples += entry["samples"]
         summary.tokens += entry["tokens"]
@@ -200,6 +202,7 @@ class _ShardEncoder:
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._written: list[dict] = []
+        self.cpu_seconds = 0.0
         self._thread = threading.Thread(target=self._run, name="kdengine-shard-encoder", daemon=True)
         self._thread.start()
 
@@ -242,6 +245,7 @@ class _ShardEncoder:
 
     def _run(self) -> None:
         builder, expected = None, 0
+        start = time.thread_time()
         try:
             while not self._stop.is_set():
                 item = self._queue.get()
@@ -259,6 +263,8 @@ class _ShardEncoder:
                     builder = None
         except BaseException as exc:  # handed to the teacher's thread
             self._error = exc
+        finally:
+            self.cpu_seconds = time.thread_time() - start
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
