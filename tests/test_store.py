@@ -2,6 +2,7 @@
 import json
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 
 from kdengine.cli import cli
 from kdengine.corpus import load_corpus
-from kdengine.dump import DumpConfig, dump
+from kdengine.dump import DumpConfig, DumpError, dump, resolve_rank
 from kdengine.store import FORMAT_VERSION, StoreError, open_store, verify_store
 from kdengine.store.codec import make_codec
 from kdengine.teachers.encoding import special_prefix
@@ -131,10 +132,10 @@ def test_dataloader_workers_read_the_same_samples(dumped):
 
 def test_same_command_again_writes_nothing(dumped):
     cfg, _ = dumped
-    before = {p.name: p.stat().st_mtime_ns for p in __import__("pathlib").Path(cfg.out).glob("shard-*")}
+    before = {p.name: p.stat().st_mtime_ns for p in Path(cfg.out).glob("shard-*")}
     summary = dump(cfg)
     assert summary.shards_written == 0 and summary.shards_already_done == 4 and summary.store_complete
-    after = {p.name: p.stat().st_mtime_ns for p in __import__("pathlib").Path(cfg.out).glob("shard-*")}
+    after = {p.name: p.stat().st_mtime_ns for p in Path(cfg.out).glob("shard-*")}
     assert before == after
 
 
@@ -285,3 +286,24 @@ def test_bad_jsonl_fails_with_file_and_line_before_the_teacher_loads(tmp_path):
     result = CliRunner().invoke(cli, ["dump", "--teacher", "x", "--data", str(empty), "--out", str(tmp_path / "o"),
                                       "--top-k", "4"])
     assert result.exit_code == 1 and f"{empty}: empty file" in result.output
+
+
+def test_rank_comes_from_the_options_or_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_rank(None, None) == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resolve_rank(None, None) == (3, 4)
+    assert resolve_rank(1, 2) == (1, 2)
+    with pytest.raises(DumpError, match="give both --rank and --world-size, or neither"):
+        resolve_rank(1, None)
+    with pytest.raises(DumpError, match="rank must be in \\[0, world size\\), got rank 2 of world size 2"):
+        resolve_rank(2, 2)
+
+
+def test_backend_is_passed_to_the_teacher_loader(tmp_path):
+    data = _write_corpus(tmp_path / "data.jsonl")
+    result = CliRunner().invoke(cli, ["dump", "--teacher", "m", "--data", str(data), "--out", str(tmp_path / "o"),
+                                      "--top-k", "4", "--backend", "nope"])
+    assert result.exit_code == 1 and "unknown teacher backend 'nope'" in result.output

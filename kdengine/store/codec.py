@@ -62,6 +62,9 @@ def make_codec(name: str, *, k: int, vocab_size: int, vocab_order: np.ndarray | 
         ValueError: unknown name or parameter.
     """
     if name == "sqrt":
+        unknown = set(params) - {"delta", "zstd_level"}
+        if unknown:
+            raise ValueError(f"codec 'sqrt' has no parameter(s) {sorted(unknown)}; it takes delta, zstd_level")
         return SqrtCodec(k=k, vocab_size=vocab_size, vocab_order=vocab_order, **params)
     if name == "raw":
         if params or vocab_order is not None:
