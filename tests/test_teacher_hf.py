@@ -223,7 +223,7 @@ def test_load_errors_are_actionable(tiny_model_dir, tmp_path):
         load_teacher(tiny_model_dir, dtype="fp8")
     with pytest.raises(TeacherError, match=r"device 'tpu' is not|device 'tpu' is not supported"):
         load_teacher(tiny_model_dir, device="tpu")
-    with pytest.raises(TeacherError, match=r"unknown teacher backend 'vllm'; choose one of: hf"):
+    with pytest.raises(TeacherError, match=r"unknown teacher backend 'vllm'; choose one of: exl2, hf"):
         load_teacher(tiny_model_dir, backend="vllm")
     with pytest.raises(TeacherError, match=r"transformers cannot load"):
         load_teacher(tmp_path / "weights" / "model.Q4_K_M.gguf")

@@ -17,10 +17,16 @@ from kdengine.teachers.base import Teacher, TeacherError
 def _load_hf(path, *, device, dtype, **opts) -> Teacher:
     from kdengine.teachers.hf import load_hf_teacher
 
-    return load_hf_teacher(path, device=device, dtype=dtype, **opts)
+    return load_hf_teacher(path, device=device or "cpu", dtype=dtype or "fp32", **opts)
 
 
-BACKENDS: dict[str, Callable[..., Teacher]] = {"hf": _load_hf}
+def _load_exl2(path, *, device, dtype, **opts) -> Teacher:
+    from kdengine.teachers.exl2 import load_exl2_teacher
+
+    return load_exl2_teacher(path, device=device, dtype=dtype, **opts)
+
+
+BACKENDS: dict[str, Callable[..., Teacher]] = {"hf": _load_hf, "exl2": _load_exl2}
 
 
 def load_tokenizer(path: str | Path):
@@ -36,16 +42,20 @@ def load_tokenizer(path: str | Path):
     return hf_load_tokenizer(path)
 
 
-def load_teacher(path: str | Path, *, backend: str = "hf", device: str | torch.device = "cpu",
-                 dtype: str | torch.dtype = "fp32", **backend_opts) -> Teacher:
+def load_teacher(path: str | Path, *, backend: str = "hf", device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, **backend_opts) -> Teacher:
     """Loads a teacher with the named backend.
 
     Args:
-        path: what the backend loads (hf: a model directory with config.json, or a .gguf file).
+        path: what the backend loads (hf: a model directory with config.json, or a .gguf file;
+            exl2: an EXL2 model directory).
         backend: a key of BACKENDS.
-        device: "cpu", "cuda" or "cuda:N" (backends may accept fewer).
-        dtype: "fp32", "bf16" or "fp16" (backends may accept fewer).
-        backend_opts: options only that backend knows (hf: attn_implementation).
+        device: "cpu", "cuda" or "cuda:N" (backends may accept fewer); None: the backend's default
+            (hf: cpu; exl2: all visible GPUs, the only placement it has).
+        dtype: "fp32", "bf16" or "fp16" (backends may accept fewer); None: the backend's default
+            (hf: fp32; exl2: fp16, the only one it computes in).
+        backend_opts: options only that backend knows (hf: attn_implementation; exl2: gpu_split,
+            max_seq_len, cache_tokens, max_input_len, prefill, max_batch_size; see exl2.Exl2Teacher).
     Raises:
         TeacherError: an unknown backend, or the backend cannot load `path` as asked.
     """

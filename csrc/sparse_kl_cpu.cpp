@@ -1,0 +1,250 @@
+// CPU sparse KL: rows in parallel with OpenMP (torch's runtime and thread count), handed out in small
+// chunks on demand so that cheap ignored rows (padding clusters at the end of a batch) or a busy core
+// do not leave threads idle; each row is streamed once in L1-sized chunks with an online max /
+// sum-exp. The inner loops are plain loops the compiler vectorizes, compiled for AVX-512, AVX2 and
+// baseline x86-64 with runtime selection (target_clones). Math shared with CUDA: sparse_kl_math.h.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "sparse_kl.h"
+#include "sparse_kl_math.h"
+
+namespace kdengine {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define KD_CLONES
+#endif
+#define KD_INLINE inline __attribute__((always_inline))
+
+// Elements per chunk of the online pass: 8 KiB of fp32, so the max pass and the exp pass over a
+// chunk share L1.
+constexpr int64_t kChunk = 2048;
+// Rows per unit of work handed to a thread.
+constexpr int64_t kRowsPerTask = 4;
+
+template <typename scalar_t>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <typename acc_t, typename scalar_t>
+KD_INLINE acc_t max_of(const scalar_t* x, int64_t n) {
+  acc_t m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t v = static_cast<acc_t>(x[i]);
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// sum_i 2^(x_i * scale2 - sh); n <= 0 gives 0.
+template <typename acc_t, typename scalar_t>
+KD_INLINE acc_t sum_exp2(const scalar_t* x, int64_t n, acc_t scale2, acc_t sh) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += exp2_fast(static_cast<acc_t>(x[i]) * scale2 - sh);
+  return s;
+}
+
+// Sorted, in-range top-k ids of a row (the tail sum skips them); returns how many.
+int64_t sorted_ids(const int32_t* idx, int64_t k, int64_t vocab, int32_t* out) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < k; ++i)
+    if (idx[i] >= 0 && idx[i] < vocab) out[n++] = idx[i];
+  std::sort(out, out + n);
+  return n;
+}
+
+template <typename scalar_t>
+KD_INLINE void forward_row(const ForwardParams& p, int64_t r, int32_t* ids_buf) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t V = p.vocab, K = p.k;
+  acc_t* stats = static_cast<acc_t*>(p.row_stats) + r * kRowStats;
+  acc_t* topk_grad = static_cast<acc_t*>(p.topk_grad) + r * K;
+  acc_t* loss = static_cast<acc_t*>(p.loss_rows) + r;
+  const int64_t label = p.labels ? p.labels[r] : -1;
+  if (p.labels && label == p.ignore_index) {
+    *loss = 0;
+    std::fill(stats, stats + kRowStats, acc_t(0));
+    std::fill(topk_grad, topk_grad + K, acc_t(0));
+    return;
+  }
+  const scalar_t* x = static_cast<const scalar_t*>(p.logits) + r * p.logits_row_stride;
+  const int32_t* idx = p.topk_idx + r * K;
+  const acc_t* logp = static_cast<const acc_t*>(p.topk_logp) + r * K;
+  const acc_t scale2 = exp_scale<acc_t>(p.temperature), l2e = exp_scale<acc_t>(1.0);
+  const bool ce_separate = p.with_ce && p.temperature != 1.0;
+
+  // One streaming pass: per chunk its max, then the exps against the running shift. With the tail
+  // on, s skips the top-k ids (segments between the sorted ids) so that q_tail = s / S_T is exact.
+  const int64_t n_ids = p.tail ? sorted_ids(idx, K, V, ids_buf) : 0;
+  int64_t next_id = 0;
+  OnlineSums<acc_t> st{-INFINITY, 0, 0};
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t c1 = std::min(c0 + kChunk, V);
+    const acc_t cm = max_of<acc_t>(x + c0, c1 - c0);
+    if (cm > st.m) {
+      st.s *= rescale(st.m, cm, scale2);
+      st.s1 *= rescale(st.m, cm, l2e);
+      st.m = cm;
+    }
+    const acc_t sh = shift_of(st.m, scale2);
+    if (p.tail) {
+      int64_t pos = c0;
+      for (; next_id < n_ids && ids_buf[next_id] < c1; ++next_id) {
+        st.s += sum_exp2(x + pos, ids_buf[next_id] - pos, scale2, sh);
+        pos = std::max<int64_t>(pos, ids_buf[next_id] + 1);
+      }
+      st.s += sum_exp2(x + pos, c1 - pos, scale2, sh);
+    } else {
+      st.s += sum_exp2(x + c0, c1 - c0, scale2, sh);
+    }
+    if (ce_separate) st.s1 += sum_exp2(x + c0, c1 - c0, l2e, shift_of(st.m, l2e));
+  }
+
+  const SerialCombine all;
+  const acc_t sum_t = p.tail ? st.s + topk_exp_sum(x, idx, K, V, scale2, shift_of(st.m, scale2), 0, 1, all) : st.s;
+  const acc_t sum_1 = ce_separate ? st.s1 : sum_t;
+  KDRow kd{0.0, 1.0};
+  if (p.alpha > 0.0) {
+    const double log_q_tail = p.tail ? std::log(static_cast<double>(st.s)) - std::log(static_cast<double>(sum_t)) : 0.0;
+    kd = kd_row(x, idx, logp, topk_grad, K, V, p.tail, p.temperature, st.m, log_sum(sum_t, st.m, scale2), log_q_tail,
+                0, 1, all);
+  } else {
+    std::fill(topk_grad, topk_grad + K, acc_t(0));
+  }
+  double ce = 0.0;
+  if (p.with_ce) ce = row_ce(st.m, (label >= 0 && label < V) ? static_cast<double>(x[label]) : NAN, sum_1);
+  *loss = static_cast<acc_t>(row_loss(p.alpha, p.temperature, kd.kd, ce));
+  stats[kStatMax] = st.m;
+  stats[kStatSumT] = sum_t;
+  stats[kStatSum1] = sum_1;
+  stats[kStatCRest] = static_cast<acc_t>(kd.c_rest);
+}
+
+template <bool kCeSep, typename scalar_t, typename acc_t>
+KD_INLINE void dense_row(const scalar_t* x, scalar_t* dx, int64_t n, const DenseCoefs<acc_t>& c, acc_t scale2) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dx[j] = static_cast<scalar_t>(dense_grad<kCeSep>(static_cast<acc_t>(x[j]), c, scale2));
+}
+
+template <typename scalar_t>
+KD_INLINE void backward_row(const BackwardParams& p, int64_t r) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const int64_t V = p.vocab, K = p.k;
+  scalar_t* dx = static_cast<scalar_t*>(p.grad_logits) + r * V;
+  const int64_t label = p.labels ? p.labels[r] : -1;
+  const double w = static_cast<const acc_t*>(p.grad_rows)[r];
+  if ((p.labels && label == p.ignore_index) || w == 0.0) {
+    std::fill(dx, dx + V, scalar_t(0));
+    return;
+  }
+  const scalar_t* x = static_cast<const scalar_t*>(p.logits) + r * p.logits_row_stride;
+  const acc_t* stats = static_cast<const acc_t*>(p.row_stats) + r * kRowStats;
+  const acc_t scale2 = exp_scale<acc_t>(p.temperature);
+  const DenseCoefs<acc_t> c = dense_coefs(stats, w, p.alpha, p.temperature, p.with_ce, scale2);
+  if (c.ce_separate)
+    dense_row<true>(x, dx, V, c, scale2);
+  else
+    dense_row<false>(x, dx, V, c, scale2);
+
+  // The top-k ids and the label get their full value, computed once in the accumulation type.
+  const int32_t* idx = p.topk_idx + r * K;
+  const acc_t* topk_grad = static_cast<const acc_t*>(p.topk_grad) + r * K;
+  bool label_in_topk = false;
+  for (int64_t i = 0; i < K; ++i) {
+    const int32_t id = idx[i];
+    if (id < 0 || id >= V) continue;
+    const bool is_label = p.with_ce && id == label;
+    label_in_topk |= is_label;
+    dx[id] = static_cast<scalar_t>(sparse_grad(static_cast<acc_t>(x[id]), w, p.alpha, p.temperature, p.with_ce,
+                                               topk_grad[i], is_label, stats));
+  }
+  if (p.with_ce && !label_in_topk && label >= 0 && label < V) {
+    const acc_t xl = static_cast<acc_t>(x[label]);
+    const acc_t dense = c.ce_separate ? dense_grad<true>(xl, c, scale2) : dense_grad<false>(xl, c, scale2);
+    dx[label] = static_cast<scalar_t>(dense - static_cast<acc_t>(w * (1.0 - p.alpha)));
+  }
+}
+
+template <typename scalar_t>
+KD_INLINE void forward_rows(const ForwardParams& p, int64_t begin, int64_t end, int32_t* ids_buf) {
+  for (int64_t r = begin; r < end; ++r) forward_row<scalar_t>(p, r, ids_buf);
+}
+
+template <typename scalar_t>
+KD_INLINE void backward_rows(const BackwardParams& p, int64_t begin, int64_t end, int32_t*) {
+  for (int64_t r = begin; r < end; ++r) backward_row<scalar_t>(p, r);
+}
+
+// One cloned (per-ISA) entry per dtype; the templates above are inlined into each clone.
+KD_CLONES void forward_rows_f32(const ForwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  forward_rows<float>(p, b, e, buf);
+}
+KD_CLONES void forward_rows_bf16(const ForwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  forward_rows<c10::BFloat16>(p, b, e, buf);
+}
+KD_CLONES void forward_rows_f16(const ForwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  forward_rows<c10::Half>(p, b, e, buf);
+}
+void forward_rows_f64(const ForwardParams& p, int64_t b, int64_t e, int32_t* buf) { forward_rows<double>(p, b, e, buf); }
+KD_CLONES void backward_rows_f32(const BackwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  backward_rows<float>(p, b, e, buf);
+}
+KD_CLONES void backward_rows_bf16(const BackwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  backward_rows<c10::BFloat16>(p, b, e, buf);
+}
+KD_CLONES void backward_rows_f16(const BackwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  backward_rows<c10::Half>(p, b, e, buf);
+}
+void backward_rows_f64(const BackwardParams& p, int64_t b, int64_t e, int32_t* buf) {
+  backward_rows<double>(p, b, e, buf);
+}
+
+// Rows in tasks of kRowsPerTask, dynamically scheduled; each thread owns a K-long id buffer.
+template <typename Params, typename RowsFn>
+void run_rows(const Params& p, int64_t buf_len, RowsFn rows) {
+  const int64_t n_tasks = (p.n_rows + kRowsPerTask - 1) / kRowsPerTask;
+  const int threads = at::in_parallel_region() ? 1 : static_cast<int>(std::min<int64_t>(at::get_num_threads(), n_tasks));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<int32_t> buf(buf_len);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < n_tasks; ++t)
+      rows(p, t * kRowsPerTask, std::min(p.n_rows, (t + 1) * kRowsPerTask), buf.data());
+  }
+}
+
+}  // namespace
+
+void sparse_kl_forward_cpu(const ForwardParams& p, Dtype dtype) {
+  auto rows = dtype == Dtype::kFloat32    ? forward_rows_f32
+              : dtype == Dtype::kBFloat16 ? forward_rows_bf16
+              : dtype == Dtype::kFloat16  ? forward_rows_f16
+                                          : forward_rows_f64;
+  run_rows(p, p.tail ? p.k : 0, rows);
+}
+
+void sparse_kl_backward_cpu(const BackwardParams& p, Dtype dtype) {
+  auto rows = dtype == Dtype::kFloat32    ? backward_rows_f32
+              : dtype == Dtype::kBFloat16 ? backward_rows_bf16
+              : dtype == Dtype::kFloat16  ? backward_rows_f16
+                                          : backward_rows_f64;
+  run_rows(p, 0, rows);
+}
+
+}  // namespace kdengine

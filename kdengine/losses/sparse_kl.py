@@ -1,0 +1,295 @@
+"""`sparse_kl`: the distillation loss, one autograd.Function over the compiled kernels.
+
+The forward validates its inputs, runs the CPU or CUDA kernel (kdengine._C), which reads the logits
+once and returns the per-row loss plus O(N + N*K) statistics; the backward writes dX in one more
+pass. Without the compiled extension (or without its CUDA part for a CUDA tensor) it falls back to
+the pure-torch reference with a one-time warning. The formula and its gradient: reference.py.
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .reference import sparse_kl_reference
+
+REDUCTIONS = ("mean", "sum", "none")
+_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_IDX_DTYPES = (torch.int32, torch.int64)
+
+
+class SparseKLError(ValueError):
+    """Invalid input to sparse_kl (a ValueError): the message names the argument, expected vs got."""
+
+
+def sparse_kl(
+    logits: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_logp: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    tail: bool = False,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Forward KL from the teacher's top-k distribution to the student's softmax, mixed with CE.
+
+    Per row: KD = T^2 * sum_b p_b (log p_b - log q_b) over the K teacher buckets (plus the tail
+    bucket when `tail`), CE = -log_softmax(logits)[label] at T = 1, loss = alpha KD + (1 - alpha) CE.
+    Full definition and gradient: kdengine/losses/reference.py. Dims: N rows, V vocab, K top-k.
+
+    Args:
+        logits: float32/bfloat16/float16 [N, V] (float64 on CPU), the student's logits, on CPU or
+            CUDA, unit stride along V. Accumulation is in float32 (float64 for float64 logits); the
+            gradient has the logits' dtype.
+        topk_idx: int32/int64 [N, K], 1 <= K <= V, the teacher's top-k ids: distinct within a row, in [0, V).
+        topk_logp: float32 [N, K], the teacher's log-probabilities of those ids over its full
+            vocabulary at T = 1 (so sum_k exp <= 1). No gradient flows to it.
+        labels: int64/int32 [N] or None. Rows equal to `ignore_index` contribute 0 loss and 0
+            gradient; other labels must be in [0, V). None: every row counts. Required if alpha < 1.
+        tail: add a bucket for the teacher's mass outside its top-k (1 - sum_k exp(logp_k)) against
+            the student's mass outside those ids.
+        alpha: in [0, 1], weight of the KD term.
+        temperature: T > 0 for the KD term (CE stays at T = 1); KD is scaled by T^2.
+        ignore_index: label value marking rows to ignore.
+        reduction: "mean" over counted rows (0 when none count), "sum", or "none".
+
+    Returns:
+        float32 (float64 for float64 logits): a scalar, or [N] for reduction="none" (ignored rows 0).
+
+    Raises:
+        SparseKLError (a ValueError), before any result is returned, for: wrong shapes, dtypes or
+        devices; K > V; ids outside [0, V) or repeated within a row; NaN/+inf in topk_logp; labels
+        outside [0, V); alpha outside [0, 1] or < 1 without labels; temperature <= 0; an unknown
+        reduction; logits rows with NaN/+inf (or no finite entry) among the counted rows. The data
+        checks cost one host-device sync per call; NaN in the logits is detected by the kernel's own
+        per-row statistics rather than by another read of the [N, V] logits.
+    """
+    _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction)
+    if logits.stride(1) != 1 and logits.shape[1] > 1:
+        logits = logits.contiguous()  # the kernels stream rows; row-strided views need no copy
+    if labels is not None:
+        labels = labels.long()
+    checks = _DataChecks(logits, topk_idx, topk_logp, labels, tail, ignore_index)
+    ext = _extension_for(logits.device)
+    if ext is None:
+        checks.raise_if_invalid(bad_logit_rows=_bad_rows_by_torch(logits, checks.counted))
+        loss_rows = sparse_kl_reference(
+            logits, topk_idx, topk_logp, labels,
+            tail=tail, alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction="none",
+        )
+    else:
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        loss_rows = _SparseKLFunction.apply(
+            logits,
+            topk_idx.to(torch.int32).contiguous(),
+            topk_logp.to(acc).contiguous(),
+            None if labels is None else labels.contiguous(),
+            checks, ext, tail, float(alpha), float(temperature), int(ignore_index),
+        )
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / checks.count
+
+
+class _SparseKLFunction(torch.autograd.Function):
+    """loss_rows [N] = the per-row loss; the kernels do all the work."""
+
+    @staticmethod
+    def forward(ctx, logits, topk_idx, topk_logp, labels, checks, ext, tail, alpha, temperature, ignore_index):
+        loss_rows, row_stats, topk_grad = ext.forward(
+            logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index
+        )
+        # row_stats[:, 0] is the row max, [:, 1] the sum of exps against it: a NaN/+inf logit or a
+        # row with no finite logit shows there, at no extra pass over the logits.
+        max_, sum_ = row_stats[:, 0], row_stats[:, 1]
+        bad = ~(torch.isfinite(max_) & torch.isfinite(sum_) & (sum_ > 0))
+        checks.raise_if_invalid(bad_logit_rows=bad & checks.counted)
+        ctx.ext = ext
+        ctx.params = (alpha, temperature, ignore_index)
+        ctx.save_for_backward(logits, topk_idx, labels, row_stats, topk_grad)
+        return loss_rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        logits, topk_idx, labels, row_stats, topk_grad = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            # The per-row weights fold into the kernel's per-row coefficients: a scalar grad_output
+            # (mean/sum) or a vector one (reduction="none") costs the same single pass.
+            grad_rows = grad_rows.to(row_stats.dtype).contiguous()
+            grad_logits = ctx.ext.backward(grad_rows, logits, topk_idx, labels, row_stats, topk_grad, *ctx.params)
+        return grad_logits, None, None, None, None, None, None, None, None, None
+
+
+def _fail(message: str):
+    raise SparseKLError(f"sparse_kl: {message}")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} on {t.device}"
+
+
+def _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction):
+    """Shape, dtype, device and option checks: metadata only, no device work."""
+    for name, t in (("logits", logits), ("topk_idx", topk_idx), ("topk_logp", topk_logp)):
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if logits.dim() != 2 or logits.dtype not in _LOGITS_DTYPES:
+        _fail(f"logits must be float32/bfloat16/float16 [N, V], got {_describe(logits)}")
+    if logits.dtype == torch.float64 and logits.device.type != "cpu":
+        _fail(f"float64 logits are supported on CPU only (for gradcheck), got {_describe(logits)}")
+    n, vocab = logits.shape
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != n or topk_idx.dtype not in _IDX_DTYPES:
+        _fail(f"topk_idx must be int32/int64 [N, K] with N = {n} (the rows of logits), got {_describe(topk_idx)}")
+    k = topk_idx.shape[1]
+    if not 1 <= k <= vocab:
+        _fail(f"topk_idx must have 1 <= K <= V = {vocab} columns, got K = {k}")
+    if topk_logp.shape != topk_idx.shape or topk_logp.dtype not in (torch.float32, torch.float64):
+        _fail(f"topk_logp must be float32 [N, K] = {list(topk_idx.shape)} like topk_idx, got {_describe(topk_logp)}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.dtype not in _IDX_DTYPES or labels.shape != (n,):
+            got = _describe(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            _fail(f"labels must be int64 [N] with N = {n} (or None), got {got}")
+    for name, t in (("topk_idx", topk_idx), ("topk_logp", topk_logp), ("labels", labels)):
+        if t is not None and t.device != logits.device:
+            _fail(f"{name} must be on the logits' device {logits.device}, got {t.device}")
+    _check_options(tail, alpha, temperature, ignore_index, reduction)
+    if alpha < 1 and labels is None:
+        _fail(f"alpha = {alpha} < 1 mixes in cross-entropy, which needs labels; pass labels or use alpha=1")
+
+
+def _check_options(tail, alpha, temperature, ignore_index, reduction):
+    """The non-tensor options (also checked when a SparseKLLoss module is built)."""
+    if not isinstance(tail, bool):
+        _fail(f"tail must be a bool, got {tail!r}")
+    if not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+        _fail(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if not isinstance(temperature, numbers.Real) or not 0 < temperature < float("inf"):
+        _fail(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not isinstance(ignore_index, numbers.Integral):
+        _fail(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        _fail(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+
+
+class _DataChecks:
+    """Checks of the values of the small inputs ([N, K] and [N]), queued on the device without a
+    sync; `raise_if_invalid` adds the logits check and syncs once. Details (the first bad row) are
+    computed only on failure."""
+
+    def __init__(self, logits, topk_idx, topk_logp, labels, tail, ignore_index):
+        self.vocab = logits.shape[1]
+        self.topk_idx, self.topk_logp, self.labels = topk_idx, topk_logp, labels
+        self.ignore_index = ignore_index
+        n = logits.shape[0]
+        if labels is None:
+            self.counted = torch.ones(n, dtype=torch.bool, device=logits.device)
+            self.count = max(n, 1)
+        else:
+            self.counted = labels != ignore_index
+            self.count = self.counted.sum().clamp_min(1)  # an all-ignored batch has mean loss 0
+        ids = topk_idx.sort(dim=1).values
+        self._rows = {
+            "id_range": ((topk_idx < 0) | (topk_idx >= self.vocab)).any(dim=1),
+            "id_repeat": (ids[:, 1:] == ids[:, :-1]).any(dim=1),
+            "logp_value": (torch.isnan(topk_logp) | (topk_logp == float("inf"))).any(dim=1),
+            "logp_empty": (topk_logp == float("-inf")).all(dim=1) if not tail else torch.zeros_like(self.counted),
+            "label_range": (
+                self.counted & ((labels < 0) | (labels >= self.vocab))
+                if labels is not None
+                else torch.zeros_like(self.counted)
+            ),
+        }
+        self._ids_sorted = ids
+
+    def raise_if_invalid(self, bad_logit_rows: torch.Tensor) -> None:
+        rows = dict(self._rows, logits=bad_logit_rows)
+        flags = torch.stack([r.any() for r in rows.values()]).tolist()  # the one sync
+        for (name, bad), flag in zip(rows.items(), flags):
+            if flag:
+                row = int(bad.nonzero()[0, 0])
+                _fail(self._message(name, row, int(bad.sum())))
+
+    def _message(self, name: str, row: int, n_bad: int) -> str:
+        where = f"row {row}" + (f" (and {n_bad - 1} more rows)" if n_bad > 1 else "")
+        vocab = self.vocab
+        if name == "id_range":
+            ids = self.topk_idx[row]
+            bad_id = int(ids[(ids < 0) | (ids >= vocab)][0])
+            return (f"topk_idx must hold ids in [0, V = {vocab}); {where} holds {bad_id}. Is the teacher's "
+                    f"vocabulary the student's (compare the store manifest's vocab size)?")
+        if name == "id_repeat":
+            ids = self._ids_sorted[row]
+            dup = int(ids[1:][ids[1:] == ids[:-1]][0])
+            return f"topk_idx must hold distinct ids within a row; {where} repeats id {dup}"
+        if name == "logp_value":
+            vals = self.topk_logp[row]
+            bad = float(vals[torch.isnan(vals) | (vals == float("inf"))][0])
+            return f"topk_logp must hold log-probabilities (no NaN or +inf); {where} holds {bad}"
+        if name == "logp_empty":
+            return (f"topk_logp must give each row some mass when tail=False; {where} is all -inf "
+                    f"(use tail=True to put the mass in the tail bucket)")
+        if name == "label_range":
+            return (f"labels must be in [0, V = {vocab}) or ignore_index = {self.ignore_index}; "
+                    f"{where} holds {int(self.labels[row])}")
+        return (f"logits must be finite where they count (-inf entries are allowed if a row keeps one "
+                f"finite entry); {where} holds NaN or +inf, or no finite entry")
+
+
+def _bad_rows_by_torch(logits: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """The kernels' logits check, for the reference fallback (one extra pass)."""
+    x = logits.float() if logits.dtype != torch.float64 else logits
+    return counted & ~torch.isfinite(torch.logsumexp(x, dim=-1))
+
+
+_EXTENSION = None
+_EXTENSION_ERROR: str | None = None
+_WARNED: set[str] = set()
+
+
+def _load_extension():
+    """kdengine._C, or None if it was not built (the import error is kept for the warning)."""
+    global _EXTENSION, _EXTENSION_ERROR
+    if _EXTENSION is None and _EXTENSION_ERROR is None:
+        try:
+            from kdengine import _C
+
+            _EXTENSION = _C
+        except ImportError as e:
+            _EXTENSION_ERROR = str(e)
+    return _EXTENSION
+
+
+def extension_available(device: str | torch.device = "cpu") -> bool:
+    """Whether sparse_kl runs a compiled kernel (not the reference) for tensors on `device`."""
+    device = torch.device(device)
+    ext = _load_extension()
+    return ext is not None and (device.type == "cpu" or (device.type == "cuda" and ext.has_cuda()))
+
+
+def _extension_for(device: torch.device):
+    """kdengine._C when it has kernels for `device`, else None (after a one-time warning per device type)."""
+    if extension_available(device):
+        return _EXTENSION
+    if _EXTENSION is None:
+        why = f"the compiled extension kdengine._C is missing ({_EXTENSION_ERROR})"
+    else:
+        why = f"kdengine._C was built without kernels for {device.type}"
+    if device.type not in _WARNED:
+        _WARNED.add(device.type)
+        warnings.warn(
+            f"sparse_kl: {why}; falling back to the pure-torch reference, which is much slower and "
+            f"materialises several [N, V] float32 tensors. Build it with "
+            f"`pip install --no-build-isolation -e .` (with nvcc on PATH for CUDA).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return None
