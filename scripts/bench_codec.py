@@ -274,9 +274,10 @@ Tried in prototypes and dropped (sizes at d=1/1100 on the same frames, not re-ru
 - zstd levels 3 and 9 instead of 1: +0.5 to +1 B/pos (LZ matches cost more than they save) and slower;
 - zstd dictionaries trained on earlier frames (one for the frame, or one per stream): +0 to +1.5 B/pos;
 - 3 or 4 mantissa bits in the id symbols instead of 2: +-0.1 B/pos (the low bits are near uniform).
-Where the bytes go (chosen default): ids ~82 B/pos (45 B zstd-coded bucket symbols + 37 B raw low
-bits), level steps ~21 B/pos, heads (top-1 level, tail level) ~2 B/pos. The order-0 entropy of this
-representation at this KL is ~97-100 B/pos (set of ids ~48 B, sorted levels ~21 B, which id has which
+Where the bytes go (chosen default): ids ~80 B/pos (45 B zstd-coded bucket symbols + 35 B raw low
+bits), level steps ~21 B/pos, heads ~1.5 B/pos (the smallest level, and the tail level as a residual
+from the normalization sum, which saved 1.3 B/pos over storing the top-1 and tail levels). The order-0
+entropy of this representation at this KL is ~97-100 B/pos (set of ids ~48 B, sorted levels ~21 B, which id has which
 level ~30 B). Going lower needs context modelling (an adaptive arithmetic coder), i.e. compiled code.
 """
 

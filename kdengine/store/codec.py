@@ -21,6 +21,8 @@ is specified in store/FORMAT.md; scripts/bench_codec.py measures the variants th
   maps ids to ranks. Within a run of equal levels the first entry stores its rank, later ones the
   gap to the previous rank. Numbers become a small bucket symbol (magnitude class + 2 leading bits)
   plus raw low bits, as DEFLATE codes distances.
+* Levels are stored as steps between neighbours plus the smallest level; the tail level is stored
+  as its difference from what the normalization (sum of all K+1 squared levels ~ 1/delta^2) predicts.
 * Streams. Symbols go to separate byte streams by kind and column group (column 0, 1-3, 4-15,
   16+), each in its own zstd block so that zstd's Huffman stage sees one kind of statistics; the low
   bits are bit-packed after the zstd body.
@@ -153,6 +155,11 @@ class SqrtCodec:
         """Max |sqrt(p_decoded) - sqrt(p_true)| over stored entries and the tail (worst case)."""
         return self.delta * (1.0 + np.sqrt(self.k + 1))
 
+    def _predicted_tail_level(self, level):
+        """round(sqrt(ceil(1/delta)^2 - sum of squared levels)), from integers: encoder and decoder agree."""
+        room = self.max_level ** 2 - (level * level).sum(axis=1)
+        return np.rint(np.sqrt(np.maximum(room, 0).astype(np.float64))).astype(np.int64)
+
     # ---- encode -------------------------------------------------------------------------------
     def encode(self, topk_idx, topk_logp) -> bytes:
         """Encodes one sample.
@@ -182,8 +189,12 @@ class SqrtCodec:
         value = rank.copy()
         value[:, 1:] = np.where(tie_start[:, 1:], rank[:, 1:], rank[:, 1:] - rank[:, :-1] - 1)
 
+        # Heads: the smallest level (the steps give the others), and the tail level as its difference
+        # from what normalization predicts (sum of all K+1 squared levels ~ 1/delta^2).
+        tail_residual = tail_level - self._predicted_tail_level(level)
+        heads = np.stack([level[:, -1] - 1, np.where(tail_residual >= 0, 2 * tail_residual, -2 * tail_residual - 1)], 1)
         streams, fields = [], []
-        sym, nbits, low = _bucket(np.stack([level[:, 0], tail_level], 1).ravel() - 1, _HEAD_SUB)
+        sym, nbits, low = _bucket(heads.ravel(), _HEAD_SUB)
         streams.append(sym)
         fields.append((low, nbits))
         for lo, hi in self._groups:
@@ -271,7 +282,7 @@ class SqrtCodec:
             part_low = low[cursor:cursor + nbits.size]
             cursor += nbits.size
             if kind == "head":
-                heads = _unbucket(sym, part_low, _HEAD_SUB).reshape(n_pos, 2) + 1
+                heads = _unbucket(sym, part_low, _HEAD_SUB).reshape(n_pos, 2)
             elif kind == "escape":
                 c0, c1, escaped, cap = where
                 block = step[:, c0:c1]
@@ -281,11 +292,13 @@ class SqrtCodec:
                 value[:, lo:hi][mask] = _unbucket(sym, part_low, _ID_SUB)
 
         level = np.empty((n_pos, k), np.int64)
-        level[:, 0] = heads[:, 0]
+        level[:, -1] = heads[:, 0] + 1
         if k > 1:
-            level[:, 1:] = heads[:, :1] - np.cumsum(step, axis=1)
-        if n_pos and (level.min() < 1 or heads.max() > self.max_level):
-            raise CodecError("decoded levels fall outside [1, 1/delta]")
+            level[:, :-1] = level[:, -1:] + np.cumsum(step[:, ::-1], axis=1)[:, ::-1]
+        residual = np.where(heads[:, 1] % 2 == 0, heads[:, 1] // 2, -(heads[:, 1] + 1) // 2)
+        tail_level = self._predicted_tail_level(level) + residual
+        if n_pos and (level[:, 0].max() > self.max_level or tail_level.min() < 1 or tail_level.max() > self.max_level):
+            raise CodecError("decoded levels fall outside [1, ceil(1/delta)]")
         tie_start = np.ones((n_pos, k), bool)
         tie_start[:, 1:] = step > 0
 
@@ -295,7 +308,7 @@ class SqrtCodec:
         ids = self.vocab_order[rank]
 
         sq = level.astype(np.float64) * self.delta
-        tail_sq = heads[:, 1].astype(np.float64) * self.delta
+        tail_sq = tail_level.astype(np.float64) * self.delta
         log_z = np.log((sq * sq).sum(axis=1) + tail_sq * tail_sq)
         logp = 2.0 * np.log(sq) - log_z[:, None]
         return ids.astype(np.int32), logp.astype(np.float32)
