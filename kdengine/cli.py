@@ -118,3 +118,141 @@ def make_student_command(teacher, layers, layer_map, out):
     except (TrainError, TeacherError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"student with {len(ids)} layers (teacher layers {','.join(map(str, ids))}) written to {out}")
+# ---- dump ---------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--teacher", required=True, help="Teacher model: a local from_pretrained directory or a .gguf file "
+              "(hf backend), or an EXL2 directory (exl2 backend).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="JSONL corpus, one sample a line: text, prompt/response, question/answer or messages.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Store directory. Re-running the same command on it resumes after the last complete shard.")
+@click.option("--top-k", "top_k", required=True, type=int, help="Entries kept per position (K), e.g. 64.")
+@click.option("--backend", default="hf", show_default=True, help="Teacher backend: hf (transformers) or exl2.")
+@click.option("--max-length", type=int, default=None,
+              help="Keep at most this many tokens of each sample (counted as truncated). Default: no limit.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Sequences per teacher forward (samples are sorted by length within each shard).")
+@click.option("--shard-samples", type=int, default=1024, show_default=True,
+              help="Samples per shard; shard c holds corpus samples [c*S, (c+1)*S).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Teacher device: cpu, cuda or cuda:N (under torchrun, cuda means cuda:LOCAL_RANK).")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Teacher compute dtype (GGUF weights are dequantized to it).")
+@click.option("--chat/--no-chat", default=False, show_default=True,
+              help="Render prompt/response and question/answer lines through the chat template.")
+@click.option("--skip-bad-lines", is_flag=True,
+              help="List malformed corpus lines and go on, instead of stopping at the first.")
+@click.option("--codec", type=click.Choice(["sqrt", "raw"]), default="sqrt", show_default=True,
+              help="sqrt: ~1 byte/entry, mean KL ~1e-5 at K=64 (see store/FORMAT.md); raw: lossless fp32.")
+@click.option("--rank", type=int, default=None,
+              help="This process's rank (with --world-size); default: torchrun's RANK, else 0.")
+@click.option("--world-size", type=int, default=None,
+              help="Number of dump processes; each takes every W-th shard. Default: torchrun's WORLD_SIZE, else 1.")
+def dump(teacher, data, out, top_k, backend, max_length, batch_size, shard_samples, device, dtype, chat,
+         skip_bad_lines, codec, rank, world_size):
+    """Run a teacher over a corpus and store its top-k next-token log-probs at every target position."""
+    from kdengine.corpus import CorpusError
+    from kdengine.dump import DumpConfig, DumpError
+    from kdengine.dump import dump as run_dump
+    from kdengine.store import StoreError
+    from kdengine.teachers import TeacherError
+
+    cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=top_k, backend=backend, max_length=max_length,
+                     batch_size=batch_size, shard_samples=shard_samples, device=device, dtype=dtype, chat=chat,
+                     skip_bad_lines=skip_bad_lines, codec=codec, rank=rank, world_size=world_size)
+    try:
+        s = run_dump(cfg)
+    except (CorpusError, DumpError, StoreError, TeacherError) as e:
+        raise click.ClickException(str(e)) from None
+    for line in s.bad_lines:
+        click.echo(f"skipped bad line: {line}", err=True)
+    for line in s.skipped:
+        click.echo(f"skipped sample: {line}", err=True)
+    rank_note = f" (rank {s.rank} of {s.world_size})" if s.world_size > 1 else ""
+    click.echo(
+        f"dump{rank_note}: {s.samples} samples, {s.tokens} tokens, {s.positions} positions in "
+        f"{s.shards_written} new shards ({s.shards_already_done} already done); truncated {s.truncated}, "
+        f"skipped {len(s.skipped) + len(s.bad_lines)}; {s.bytes_per_position:.1f} bytes/position; "
+        f"{s.tokens_per_second:,.0f} tokens/s (encoder thread busy {s.encoder_cpu_seconds:.1f} s of "
+        f"{s.seconds:.1f} s)")
+    click.echo(f"store {out}: " + ("complete" if s.store_complete else
+                                   "incomplete (other ranks still running, or re-run to finish)"))
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the summary as JSON: samples, tokens, positions, bytes, bytes_per_position, top_k, "
+                   "vocab_size, teacher, tokenizer_fingerprint, codec.")
+@click.option("--sample", "sample_index", type=int, default=None,
+              help="Show sample I instead: the teacher's top tokens at each target position (text via the "
+                   "teacher's tokenizer when it can be loaded, else ids).")
+@click.option("--top", type=int, default=5, show_default=True, help="With --sample: entries shown per position.")
+def inspect(directory, as_json, sample_index, top):
+    """Summarize a top-k store, or show one sample's teacher targets."""
+    import json
+
+    from kdengine.store import StoreError, open_store
+    from kdengine.store.inspect import format_sample, format_summary, store_summary
+
+    try:
+        store = open_store(directory)
+        if sample_index is None:
+            summary = store_summary(store)
+            click.echo(json.dumps(summary, indent=1) if as_json else format_summary(store, summary))
+            return
+        sample = store[sample_index]
+    except IndexError as e:
+        raise click.ClickException(str(e)) from None
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    tokenizer = _teacher_tokenizer(store.teacher)
+    if tokenizer is None:
+        click.echo(f"note: the teacher's tokenizer ({store.teacher}) cannot be loaded; showing token ids", err=True)
+    click.echo(format_sample(sample, tokenizer=tokenizer, top=top))
+
+
+def _teacher_tokenizer(path):
+    from kdengine.teachers import TeacherError
+    from kdengine.teachers.hf import load_tokenizer
+
+    try:
+        return load_tokenizer(path)
+    except (TeacherError, OSError, ValueError):
+        return None
+
+
+# ---- verify -------------------------------------------------------------------------------------
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--drop-bad", is_flag=True,
+              help="Delete bad shards and their manifest entries, so that re-running the dump rewrites them "
+                   "(never while a dump is writing to DIR).")
+def verify(directory, quiet, drop_bad):
+    """Check every shard's sha256 and decode every sample; exit 1 naming each bad or missing shard."""
+    from kdengine.store import StoreError, verify_store
+    from kdengine.store.writer import drop_shards
+
+    try:
+        report = verify_store(directory, progress=not quiet)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
+    if report.ok:
+        click.echo(f"{directory}: OK, {report.shards} shards, {report.samples} samples")
+        return
+    for problem in report.problems:
+        click.echo(f"BAD {problem}", err=True)
+    if drop_bad and report.bad_files:
+        drop_shards(directory, report.bad_files)
+        click.echo(f"dropped {len(report.bad_files)} shard(s): {', '.join(report.bad_files)}", err=True)
+        hint = "re-run the same `kdengine dump` command to write them again"
+    elif report.bad_files:
+        hint = (f"`kdengine verify {directory} --drop-bad`, then re-run the same `kdengine dump` command, "
+                f"rewrites the bad shards")
+    else:
+        hint = "re-run the same `kdengine dump` command to finish it"
+    raise click.ClickException(f"{directory}: {len(report.problems)} problem(s); {hint}")

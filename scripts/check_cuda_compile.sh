@@ -32,7 +32,7 @@ echo "csrc/sparse_kl_cuda.cu compiles cleanly for sm_{${archs// /,}} ($("$nvcc" 
 # the spill and register lines.
 demangle() { if command -v c++filt >/dev/null; then c++filt; else cat; fi; }
 printf '%-6s %-34s %5s %s\n' arch kernel regs "spill stores/loads (bytes)"
-sed -nE "s/.*Compiling entry function '([^']+)' for '(sm_[0-9]+)'.*/E \2 \1/p;
+sed -nE "s/.*Compiling entry function '([^']+)' for '(sm_[0-9]+a?)'.*/E \2 \1/p;
          s/.* ([0-9]+) bytes spill stores, ([0-9]+) bytes spill loads.*/S \1\/\2/p;
          s/.*Used ([0-9]+) registers.*/R \1/p" "$work/log" |
   while read -r tag a b; do

@@ -1,0 +1,294 @@
+"""`kdengine dump`: corpus -> teacher -> top-k store.
+
+    summary = dump(DumpConfig(teacher="model.gguf", data="corpus.jsonl", out="store/", top_k=64))
+
+The corpus is validated before the teacher loads. Its kept samples are cut into chunks of
+`shard_samples`; chunk c is one shard, written by rank c mod W (FORMAT.md). Within a chunk, samples
+are sorted by length and batched, the teacher's logits are reduced to top-k log-probs on its device
+at the target positions only, and a worker thread encodes and writes shards while the teacher runs
+the next batch. Re-running the same command skips every chunk already in the store; a run with other
+settings is refused before the teacher loads.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdengine.corpus import Sample, check_corpus, tokenize_corpus
+from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter, codec_names
+from kdengine.store.writer import check_dump_settings
+from kdengine.teachers import load_teacher, topk_logprobs
+
+
+@dataclass
+class DumpConfig:
+    """Settings of one dump (the CLI's options). rank/world_size None: from torchrun's RANK and
+    WORLD_SIZE environment variables, else a single rank."""
+
+    teacher: str
+    data: str
+    out: str
+    top_k: int
+    backend: str = "hf"
+    max_length: int | None = None
+    batch_size: int = 8
+    shard_samples: int = 1024
+    device: str = "cpu"
+    dtype: str = "fp32"
+    chat: bool = False
+    skip_bad_lines: bool = False
+    codec: str = "sqrt"
+    rank: int | None = None
+    world_size: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class DumpSummary:
+    """What one run of one rank did, plus the store's state after it."""
+
+    rank: int
+    world_size: int
+    samples: int = 0
+    tokens: int = 0
+    positions: int = 0
+    payload_bytes: int = 0
+    shards_written: int = 0
+    shards_already_done: int = 0
+    truncated: int = 0
+    skipped: list[str] = field(default_factory=list)
+    bad_lines: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    encoder_cpu_seconds: float = 0.0  # CPU time of the encoder thread (encoding + writing shards)
+    store_complete: bool = False
+
+    @property
+    def bytes_per_position(self) -> float:
+        return self.payload_bytes / self.positions if self.positions else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else float("nan")
+
+
+class DumpError(Exception):
+    """A dump that cannot start or go on; the message says why and what to do."""
+
+
+def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
+    """Runs the dump for this process's rank.
+
+    Args:
+        cfg: the settings.
+        teacher: an already loaded teacher for cfg.teacher (e.g. to time several runs); default: load it.
+
+    Raises:
+        DumpError: bad settings (rank, sizes).
+        kdengine.corpus.CorpusError: a malformed corpus (file:line).
+        kdengine.teachers.TeacherError: the teacher cannot be loaded.
+        kdengine.store.StoreError: the output directory holds a different dump, or is damaged.
+    """
+    rank, world_size = resolve_rank(cfg.rank, cfg.world_size)
+    for name in ("top_k", "batch_size", "shard_samples"):
+        if getattr(cfg, name) < 1:
+            raise DumpError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.codec not in codec_names():
+        raise DumpError(f"unknown codec {cfg.codec!r}; choose one of {', '.join(codec_names())}")
+    checked = check_corpus(cfg.data, skip_bad_lines=cfg.skip_bad_lines)  # fail fast, before the model loads
+    config = _config(cfg, _sha256(cfg.data), world_size)
+    check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "config": config})
+
+    device = cfg.device
+    if device == "cuda" and world_size > 1 and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if teacher is None:
+        teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=device, dtype=cfg.dtype)
+    corpus = tokenize_corpus(checked, teacher.tokenizer, chat=cfg.chat, max_length=cfg.max_length,
+                             skip_bad_lines=cfg.skip_bad_lines, progress=cfg.progress and rank == 0)
+    codec_params = {} if cfg.codec == "raw" else {"delta": 1 / 1100, "zstd_level": 1}
+    header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
+                         vocab_size=teacher.vocab_size, k=cfg.top_k, codec=cfg.codec, codec_params=codec_params,
+                         config=config)
+    if cfg.top_k > teacher.vocab_size:
+        raise DumpError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+    writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size)
+
+    samples = corpus.samples
+    chunks_total = math.ceil(len(samples) / cfg.shard_samples)
+    mine = [c for c in range(chunks_total) if c % world_size == rank]
+    todo = [c for c in mine if c not in writer.done_chunks]
+    summary = DumpSummary(rank=rank, world_size=world_size, truncated=corpus.truncated, skipped=corpus.skipped,
+                          bad_lines=corpus.bad_lines, shards_already_done=len(mine) - len(todo))
+    chunk_samples = {c: samples[c * cfg.shard_samples:(c + 1) * cfg.shard_samples] for c in todo}
+    total_tokens = sum(len(s.input_ids) for c in todo for s in chunk_samples[c])
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"dump rank {rank}" if world_size > 1 else "dump",
+               disable=not cfg.progress, smoothing=0.1)
+    encoder = _ShardEncoder(writer, header)
+    start = time.perf_counter()
+    try:
+        for chunk in todo:
+            encoder.begin(chunk, len(chunk_samples[chunk]))
+            for sample, idx, logp in teacher_topk(teacher, chunk_samples[chunk], cfg.top_k, cfg.batch_size):
+                encoder.put(sample, idx, logp)
+                bar.update(len(sample.input_ids))
+            encoder.end(chunk)
+        written = encoder.close()
+    except BaseException:
+        encoder.abort()
+        raise
+    finally:
+        bar.close()
+    summary.seconds = time.perf_counter() - start
+    summary.encoder_cpu_seconds = encoder.cpu_seconds
+    for entry in written:
+        summary.samples += entry["samples"]
+        summary.tokens += entry["tokens"]
+        summary.positions += entry["positions"]
+        summary.payload_bytes += entry["payload_bytes"]
+    summary.shards_written = len(written)
+    summary.store_complete = bool(writer.finish(chunks_total)["complete"])
+    return summary
+
+
+def teacher_topk(teacher, samples: Sequence[Sample], k: int, batch_size: int
+                 ) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:
+    """The teacher's top-k at every target position of every sample, batched by length.
+
+    Samples are sorted by length (longest first) and cut into batches of `batch_size`; the top-k is
+    taken on the teacher's device at the target rows only, and only K ids and log-probs per position
+    are copied to the CPU.
+
+    Yields:
+        (sample, idx int32 [P, K], logp float32 [P, K]) per sample, in batch order.
+    """
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
+    for start in range(0, len(order), batch_size):
+        batch = [samples[i] for i in order[start:start + batch_size]]
+        lengths = torch.tensor([len(s.input_ids) for s in batch], dtype=torch.long)
+        ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
+        for row, s in enumerate(batch):
+            ids[row, :len(s.input_ids)] = torch.from_numpy(s.input_ids.astype(np.int64))
+        rows = torch.cat([torch.full((len(s.positions),), r, dtype=torch.long) for r, s in enumerate(batch)])
+        cols = torch.cat([torch.from_numpy(s.positions.astype(np.int64)) for s in batch])
+        with torch.inference_mode():
+            logits = teacher.logits(ids, lengths)
+            top = topk_logprobs(logits[rows.to(logits.device), cols.to(logits.device)], k)
+            idx, logp = top.idx.cpu().numpy(), top.logp.cpu().numpy()
+        at = 0
+        for s in batch:
+            n = len(s.positions)
+            yield s, idx[at:at + n], logp[at:at + n]
+            at += n
+
+
+class _ShardEncoder:
+    """A worker thread that encodes samples and writes finished shards, so the teacher never waits on
+    compression or disk. An error in the worker is raised in the caller at its next call."""
+
+    def __init__(self, writer: StoreWriter, header: StoreHeader, max_pending: int = 256):
+        self.writer, self.header = writer, header
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._written: list[dict] = []
+        self.cpu_seconds = 0.0
+        self._thread = threading.Thread(target=self._run, name="kdengine-shard-encoder", daemon=True)
+        self._thread.start()
+
+    def begin(self, chunk: int, n_samples: int) -> None:
+        self._send(("begin", chunk, n_samples))
+
+    def put(self, sample: Sample, idx: np.ndarray, logp: np.ndarray) -> None:
+        self._send(("sample", sample, idx, logp))
+
+    def end(self, chunk: int) -> None:
+        self._send(("end", chunk))
+
+    def close(self) -> list[dict]:
+        """Waits for every queued shard to be written; returns their manifest entries."""
+        self._send(None)
+        self._thread.join()
+        self._raise()
+        return self._written
+
+    def abort(self) -> None:
+        """Stops after the item in hand; a shard not yet renamed is simply never published."""
+        self._stop.set()
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+
+    def _send(self, item) -> None:
+        while True:
+            self._raise()
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        builder, expected = None, 0
+        start = time.thread_time()
+        try:
+            while not self._stop.is_set():
+                item = self._queue.get()
+                if item is None:
+                    return
+                if item[0] == "begin":
+                    builder, expected = ShardBuilder(self.header), item[2]
+                elif item[0] == "sample":
+                    _, s, idx, logp = item
+                    builder.add(s.index, s.id, s.input_ids, s.positions, idx, logp)
+                else:
+                    if len(builder) != expected:
+                        raise StoreError(f"chunk {item[1]}: {len(builder)} samples encoded, expected {expected}")
+                    self._written.append(self.writer.write_shard(item[1], builder))
+                    builder = None
+        except BaseException as exc:  # handed to the teacher's thread
+            self._error = exc
+        finally:
+            self.cpu_seconds = time.thread_time() - start
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): the options if given, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    if (rank is None) != (world_size is None):
+        raise DumpError("give both --rank and --world-size, or neither (torchrun sets RANK and WORLD_SIZE)")
+    if rank is None:
+        rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DumpError(f"rank must be in [0, world size), got rank {rank} of world size {world_size}")
+    return rank, world_size
+
+
+def _config(cfg: DumpConfig, data_sha256: str, world_size: int) -> dict:
+    """The settings a resumed dump must repeat (FORMAT.md): what changes a shard's contents or owner."""
+    return {"teacher_path": str(Path(cfg.teacher).expanduser().resolve()), "data": str(Path(cfg.data).resolve()),
+            "data_sha256": data_sha256, "max_length": cfg.max_length,
+            "chat": cfg.chat, "skip_bad_lines": cfg.skip_bad_lines, "shard_samples": cfg.shard_samples,
+            "world_size": world_size, "backend": cfg.backend, "dtype": cfg.dtype}
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

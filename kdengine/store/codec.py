@@ -1,0 +1,434 @@
+"""Per-sample codecs for the teacher's top-k: ids exact, log-probabilities quantized with a stated bound.
+
+A frame holds one sample's targets (P positions x K entries) and decodes on its own. The byte layout
+is specified in store/FORMAT.md; scripts/bench_codec.py measures the variants that were tried.
+
+`sqrt` (the default):
+
+* Values. Each position is K+1 buckets: the K entries and the tail (teacher mass outside the top-k).
+  Each bucket is quantized in square-root-probability space:
+  level = clamp(round(sqrt(p) / delta), 1, ceil(1 / delta)). KL(p || q) ~ sum (sqrt(p) - sqrt(q))^2 * 2
+  whatever p is, so a uniform step in sqrt(p) spends the error budget evenly: mean KL ~ (K+1) delta^2 / 6
+  (9.0e-6 nats at K=64, delta=1/1100), and tiny entries cost few bits. Decoding squares the levels and
+  renormalizes the K+1 buckets, so sum(exp(topk_logp)) < 1 and the tail 1 - sum is never negative.
+  Bound, for every entry and the tail: |sqrt(p_decoded) - sqrt(p_true)| <= delta * (1 + sqrt(K+1))
+  (`SqrtCodec.sqrt_prob_error_bound`): delta for rounding (delta/2) or the clamp of entries below
+  (delta/2)^2 to level 1, plus the worst case of the renormalization, which rescales every sqrt(p)
+  by at most delta*sqrt(K+1) relative (in practice about delta/10).
+* Order. Entries come out sorted by (level descending, vocabulary rank ascending): the teacher's
+  order, except among entries whose quantized values are equal.
+* Ids. A vocabulary order learned per shard (`learn_vocab_order`: most frequent top-k ids first)
+  maps ids to ranks. Within a run of equal levels the first entry stores its rank, later ones the
+  gap to the previous rank. Numbers become a small bucket symbol (magnitude class + 2 leading bits)
+  plus raw low bits, as DEFLATE codes distances.
+* Levels are stored as steps between neighbours plus the smallest level; the tail level is stored
+  as its difference from what the normalization (sum of all K+1 squared levels ~ 1/delta^2) predicts.
+* Streams. Symbols go to separate byte streams by kind and column group (column 0, 1-3, 4-15,
+  16+), each in its own zstd block so that zstd's Huffman stage sees one kind of statistics; the low
+  bits are bit-packed after the zstd body.
+
+`raw`: int32 ids and float32 log-probs as given, zstd level 1 (lossless, about 4x larger).
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import zstandard
+
+_FRAME_HEADER = struct.Struct("<2sHII")  # codec tag, K, positions P, zstd body bytes
+_TAG = {"sqrt": b"Q1", "raw": b"R1"}
+_COLUMN_GROUPS = (0, 1, 4, 16)  # starts of the column groups; the last one runs to K
+_NIBBLE_FROM = 16  # level steps in columns >= this are small: two per byte
+_ID_SUB, _HEAD_SUB = 2, 3  # leading mantissa bits kept in the bucket symbol
+
+
+class CodecError(ValueError):
+    """A frame that does not decode: corrupt, truncated, or written with different parameters."""
+
+
+def codec_names() -> tuple[str, ...]:
+    return tuple(_TAG)
+
+
+def make_codec(name: str, *, k: int, vocab_size: int, vocab_order: np.ndarray | None = None, **params):
+    """Builds a codec by name ('sqrt' or 'raw').
+
+    Args:
+        name: codec name.
+        k: entries per position (K).
+        vocab_size: V; every id must be in [0, V).
+        vocab_order: int32 [V], rank -> id (see `learn_vocab_order`); 'sqrt' only, identity if None.
+        params: codec parameters as stored in the manifest (`codec.params()`), e.g. delta for 'sqrt'.
+    Raises:
+        ValueError: unknown name or parameter.
+    """
+    if name == "sqrt":
+        unknown = set(params) - {"delta", "zstd_level"}
+        if unknown:
+            raise ValueError(f"codec 'sqrt' has no parameter(s) {sorted(unknown)}; it takes delta, zstd_level")
+        return SqrtCodec(k=k, vocab_size=vocab_size, vocab_order=vocab_order, **params)
+    if name == "raw":
+        if params or vocab_order is not None:
+            raise ValueError(f"codec 'raw' takes no parameters, got {sorted(params)}")
+        return RawCodec(k=k, vocab_size=vocab_size)
+    raise ValueError(f"unknown codec {name!r}; expected one of {', '.join(codec_names())}")
+
+
+def learn_vocab_order(topk_idx: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Rank -> id, most frequent top-k id first; ids never seen keep their tokenizer order (BPE ids
+    are roughly frequency-ordered already).
+
+    Args:
+        topk_idx: int [..., K] ids from the first batches of a shard.
+    Returns:
+        int32 [V], a permutation of range(V).
+    """
+    counts = np.bincount(np.asarray(topk_idx, dtype=np.int64).ravel(), minlength=vocab_size)
+    if counts.shape[0] != vocab_size:
+        raise ValueError(f"top-k ids reach {counts.shape[0] - 1}, outside the vocabulary of {vocab_size}")
+    return np.argsort(-counts, kind="stable").astype(np.int32)
+
+
+class RawCodec:
+    """Lossless: int32 ids + float32 log-probs, zstd level 1."""
+
+    name = "raw"
+
+    def __init__(self, *, k: int, vocab_size: int):
+        self.k, self.vocab_size = k, vocab_size
+        self._zc = zstandard.ZstdCompressor(level=1, write_checksum=False)
+        self._zd = zstandard.ZstdDecompressor()
+
+    def params(self) -> dict:
+        return {}
+
+    def encode(self, topk_idx, topk_logp) -> bytes:
+        idx, logp = _check_inputs(topk_idx, topk_logp, self.k, self.vocab_size)
+        body = self._zc.compress(idx.astype("<i4").tobytes() + logp.astype("<f4").tobytes())
+        return _pack_frame("raw", idx.shape[0], self.k, body)
+
+    def decode(self, frame):
+        n_pos, k, body, _ = _unpack_frame("raw", frame, self.k)
+        try:
+            data = self._zd.decompress(body, max_output_size=8 * n_pos * k)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"zstd body does not decompress: {exc}") from None
+        if len(data) != 8 * n_pos * k:
+            raise CodecError(f"expected {8 * n_pos * k} decompressed bytes, got {len(data)}")
+        idx = np.frombuffer(data, "<i4", n_pos * k).reshape(n_pos, k).astype(np.int32)
+        logp = np.frombuffer(data, "<f4", n_pos * k, offset=4 * n_pos * k).reshape(n_pos, k).astype(np.float32)
+        return idx, logp
+
+
+class SqrtCodec:
+    """Square-root-probability levels, rank-coded ids, zstd byte streams (see the module docstring)."""
+
+    name = "sqrt"
+
+    def __init__(self, *, k: int, vocab_size: int, delta: float = 1 / 1100, zstd_level: int = 1,
+                 vocab_order: np.ndarray | None = None):
+        if not 1e-6 <= delta <= 0.25:
+            raise ValueError(f"delta must be in [1e-6, 0.25], got {delta}")
+        self.k, self.vocab_size, self.delta, self.zstd_level = k, vocab_size, float(delta), int(zstd_level)
+        self.max_level = int(np.ceil(1 / self.delta))
+        self._escape_bits = int(self.max_level).bit_length()
+        if vocab_order is None:
+            vocab_order = np.arange(vocab_size, dtype=np.int32)
+        vocab_order = np.asarray(vocab_order)
+        if vocab_order.shape != (vocab_size,) or not np.array_equal(np.sort(vocab_order), np.arange(vocab_size)):
+            raise ValueError(f"vocab_order must be a permutation of range({vocab_size})")
+        self.vocab_order = vocab_order.astype(np.int32)
+        self._rank = np.empty(vocab_size, np.int64)
+        self._rank[self.vocab_order] = np.arange(vocab_size)
+        self._groups = [(a, min(b, k)) for a, b in zip(_COLUMN_GROUPS, _COLUMN_GROUPS[1:] + (k,)) if a < k]
+        params = zstandard.ZstdCompressionParameters.from_level(
+            self.zstd_level, format=zstandard.FORMAT_ZSTD1_MAGICLESS, write_checksum=0, write_dict_id=0)
+        self._zc = zstandard.ZstdCompressor(compression_params=params)
+        self._zd = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+
+    def params(self) -> dict:
+        return {"delta": self.delta, "zstd_level": self.zstd_level}
+
+    @property
+    def sqrt_prob_error_bound(self) -> float:
+        """Max |sqrt(p_decoded) - sqrt(p_true)| over stored entries and the tail (worst case)."""
+        return self.delta * (1.0 + np.sqrt(self.k + 1))
+
+    def _predicted_tail_level(self, level):
+        """round(sqrt(ceil(1/delta)^2 - sum of squared levels)), from integers: encoder and decoder agree."""
+        room = self.max_level ** 2 - (level * level).sum(axis=1)
+        return np.rint(np.sqrt(np.maximum(room, 0).astype(np.float64))).astype(np.int64)
+
+    # ---- encode -------------------------------------------------------------------------------
+    def encode(self, topk_idx, topk_logp) -> bytes:
+        """Encodes one sample.
+
+        Args:
+            topk_idx: int [P, K] ids, each row sorted by descending probability.
+            topk_logp: float [P, K] full-vocab log-probs (natural log) of those ids.
+        Returns:
+            the frame (bytes).
+        Raises:
+            ValueError: wrong shapes, ids outside [0, V), or NaN/positive log-probs.
+        """
+        idx, logp = _check_inputs(topk_idx, topk_logp, self.k, self.vocab_size)
+        n_pos, k = idx.shape
+        p = np.exp(logp.astype(np.float64))
+        tail = np.maximum(1.0 - p.sum(axis=1), 0.0)
+        level = np.clip(np.rint(np.sqrt(p) / self.delta), 1, self.max_level).astype(np.int64)
+        tail_level = np.clip(np.rint(np.sqrt(tail) / self.delta), 1, self.max_level).astype(np.int64)
+        rank = self._rank[idx]
+        order = np.argsort(-level * self.vocab_size + rank, axis=1, kind="stable")
+        level = np.take_along_axis(level, order, 1)
+        rank = np.take_along_axis(rank, order, 1)
+
+        step = level[:, :-1] - level[:, 1:]  # >= 0
+        tie_start = np.ones((n_pos, k), bool)
+        tie_start[:, 1:] = step > 0
+        value = rank.copy()
+        value[:, 1:] = np.where(tie_start[:, 1:], rank[:, 1:], rank[:, 1:] - rank[:, :-1] - 1)
+
+        # Heads: the smallest level (the steps give the others), and the tail level as its difference
+        # from what normalization predicts (sum of all K+1 squared levels ~ 1/delta^2).
+        tail_residual = tail_level - self._predicted_tail_level(level)
+        heads = np.stack([level[:, -1] - 1, np.where(tail_residual >= 0, 2 * tail_residual, -2 * tail_residual - 1)], 1)
+        streams, fields = [], []
+        sym, nbits, low = _bucket(heads.ravel(), _HEAD_SUB)
+        streams.append(sym)
+        fields.append((low, nbits))
+        for lo, hi in self._groups:
+            if hi - max(lo, 1) > 0:
+                s = step[:, max(lo, 1) - 1:hi - 1]
+                if lo >= _NIBBLE_FROM:
+                    capped = np.minimum(s, 15)
+                    if capped.shape[1] % 2:
+                        capped = np.concatenate([capped, np.zeros((n_pos, 1), np.int64)], 1)
+                    streams.append(capped[:, 0::2] * 16 + capped[:, 1::2])
+                    esc = s[s >= 15] - 15
+                else:
+                    streams.append(np.minimum(s, 255))
+                    esc = s[s >= 255] - 255
+                fields.append((esc, np.full(esc.shape, self._escape_bits)))
+            for mask in (tie_start[:, lo:hi], ~tie_start[:, lo:hi]):
+                sym, nbits, low = _bucket(value[:, lo:hi][mask], _ID_SUB)
+                streams.append(sym)
+                fields.append((low, nbits))
+
+        body = self._compress([s.astype(np.uint8).ravel().tobytes() for s in streams])
+        bits = _pack_bits(np.concatenate([f[0] for f in fields]), np.concatenate([f[1] for f in fields]))
+        return _pack_frame("sqrt", n_pos, k, body, bits)
+
+    def _compress(self, chunks: list[bytes]) -> bytes:
+        obj = self._zc.compressobj(size=sum(len(c) for c in chunks))
+        out = []
+        for c in chunks:
+            out.append(obj.compress(c))
+            out.append(obj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+        out.append(obj.flush())
+        return b"".join(out)
+
+    # ---- decode -------------------------------------------------------------------------------
+    def decode(self, frame):
+        """Decodes one sample's frame.
+
+        Args:
+            frame: bytes-like, as returned by `encode`.
+        Returns:
+            (idx int32 [P, K], logp float32 [P, K]) sorted by descending probability.
+        Raises:
+            CodecError: the frame is corrupt, truncated, or was written with another K.
+        """
+        n_pos, k, body, bits = _unpack_frame("sqrt", frame, self.k)
+        try:
+            data = self._zd.decompress(body)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"zstd body does not decompress: {exc}") from None
+        reader = _ByteReader(np.frombuffer(data, np.uint8))
+        # Pass 1: read every symbol stream; each part knows how many low bits its symbols carry.
+        parts = []  # (kind, where, symbols, low-bit counts), in the encoder's order
+        head_sym = reader.take(2 * n_pos)
+        parts.append(("head", None, head_sym, _bucket_nbits(head_sym, _HEAD_SUB)))
+        step = np.zeros((n_pos, max(k - 1, 0)), np.int64)
+        for lo, hi in self._groups:
+            a = max(lo, 1)
+            if hi - a > 0:
+                width = hi - a
+                if lo >= _NIBBLE_FROM:
+                    packed = reader.take(n_pos * ((width + 1) // 2)).reshape(n_pos, (width + 1) // 2).astype(np.int64)
+                    s = np.stack([packed >> 4, packed & 15], 2).reshape(n_pos, -1)[:, :width]
+                    cap = 15
+                else:
+                    s = reader.take(n_pos * width).reshape(n_pos, width).astype(np.int64)
+                    cap = 255
+                step[:, a - 1:hi - 1] = s
+                escaped = s == cap
+                parts.append(("escape", (a - 1, hi - 1, escaped, cap), None,
+                              np.full(int(escaped.sum()), self._escape_bits)))
+            tie_start = np.ones((n_pos, hi - lo), bool)
+            if lo > 0:
+                tie_start = step[:, lo - 1:hi - 1] > 0  # escaped steps are > 0 too
+            for mask in (tie_start, ~tie_start):
+                sym = reader.take(int(mask.sum()))
+                parts.append(("id", (lo, hi, mask), sym, _bucket_nbits(sym, _ID_SUB)))
+        if reader.remaining:
+            raise CodecError(f"{reader.remaining} bytes left over after the last stream")
+
+        # Pass 2: unpack all low bits at once and finish each part.
+        low = _unpack_bits(bits, np.concatenate([part[3] for part in parts]))
+        value = np.zeros((n_pos, k), np.int64)
+        cursor = 0
+        for kind, where, sym, nbits in parts:
+            part_low = low[cursor:cursor + nbits.size]
+            cursor += nbits.size
+            if kind == "head":
+                heads = _unbucket(sym, part_low, _HEAD_SUB).reshape(n_pos, 2)
+            elif kind == "escape":
+                c0, c1, escaped, cap = where
+                block = step[:, c0:c1]
+                block[escaped] = cap + part_low
+            else:
+                lo, hi, mask = where
+                value[:, lo:hi][mask] = _unbucket(sym, part_low, _ID_SUB)
+
+        level = np.empty((n_pos, k), np.int64)
+        level[:, -1] = heads[:, 0] + 1
+        if k > 1:
+            level[:, :-1] = level[:, -1:] + np.cumsum(step[:, ::-1], axis=1)[:, ::-1]
+        residual = np.where(heads[:, 1] % 2 == 0, heads[:, 1] // 2, -(heads[:, 1] + 1) // 2)
+        tail_level = self._predicted_tail_level(level) + residual
+        if n_pos and (level[:, 0].max() > self.max_level or tail_level.min() < 1 or tail_level.max() > self.max_level):
+            raise CodecError("decoded levels fall outside [1, ceil(1/delta)]")
+        tie_start = np.ones((n_pos, k), bool)
+        tie_start[:, 1:] = step > 0
+
+        rank = _undo_gaps(value, tie_start)
+        if n_pos and rank.max() >= self.vocab_size:
+            raise CodecError(f"a decoded rank is >= the vocabulary size {self.vocab_size}")
+        ids = self.vocab_order[rank]
+
+        sq = level.astype(np.float64) * self.delta
+        tail_sq = tail_level.astype(np.float64) * self.delta
+        log_z = np.log((sq * sq).sum(axis=1) + tail_sq * tail_sq)
+        logp = 2.0 * np.log(sq) - log_z[:, None]
+        return ids.astype(np.int32), logp.astype(np.float32)
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _check_inputs(topk_idx, topk_logp, k, vocab_size):
+    idx = np.asarray(topk_idx)
+    logp = np.asarray(topk_logp)
+    if idx.ndim != 2 or idx.shape[1] != k or logp.shape != idx.shape:
+        raise ValueError(f"expected topk_idx and topk_logp of shape [P, {k}], got {idx.shape} and {logp.shape}")
+    if idx.size and (idx.min() < 0 or idx.max() >= vocab_size):
+        raise ValueError(f"top-k ids must be in [0, {vocab_size}), got [{idx.min()}, {idx.max()}]")
+    if logp.size and (np.isnan(logp).any() or logp.max() > 1e-3):
+        raise ValueError(f"top-k log-probs must be <= 0 and not NaN, got max {logp.max()}")
+    return idx.astype(np.int64), logp
+
+
+def _pack_frame(codec, n_pos, k, body, bits=b"") -> bytes:
+    return _FRAME_HEADER.pack(_TAG[codec], k, n_pos, len(body)) + body + bits
+
+
+def _unpack_frame(codec, frame, k):
+    frame = memoryview(frame).cast("B")
+    if len(frame) < _FRAME_HEADER.size:
+        raise CodecError(f"frame is {len(frame)} bytes, shorter than its {_FRAME_HEADER.size}-byte header")
+    tag, frame_k, n_pos, body_len = _FRAME_HEADER.unpack_from(frame)
+    if tag != _TAG[codec]:
+        raise CodecError(f"frame tag {bytes(tag)!r} is not the '{codec}' codec's {_TAG[codec]!r}")
+    if frame_k != k:
+        raise CodecError(f"frame holds K={frame_k}, the store says K={k}")
+    if _FRAME_HEADER.size + body_len > len(frame):
+        raise CodecError("frame is shorter than its header says")
+    body = frame[_FRAME_HEADER.size:_FRAME_HEADER.size + body_len]
+    return n_pos, frame_k, body, frame[_FRAME_HEADER.size + body_len:]
+
+
+class _ByteReader:
+    def __init__(self, data):
+        self.data, self.pos = data, 0
+
+    def take(self, n):
+        if self.pos + n > self.data.size:
+            raise CodecError(f"stream ends at byte {self.data.size}, needed {self.pos + n}")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    @property
+    def remaining(self):
+        return self.data.size - self.pos
+
+
+def _bucket(values, sub):
+    """Splits non-negative ints into a small symbol (magnitude class + `sub` leading mantissa bits)
+    and raw low bits. Returns (symbol int64, low-bit count int64, low bits int64)."""
+    a = np.asarray(values, dtype=np.int64) + 1
+    exp = np.frexp(a.astype(np.float64))[1] - 1  # floor(log2(a)); exact for a < 2**53
+    nbits = np.maximum(exp - sub, 0)
+    top = a >> nbits
+    sym = np.where(exp > sub, ((exp - sub) << sub) + top, a)
+    return sym, nbits, a - (top << nbits)
+
+
+def _symbol_tables(sub):
+    """For every byte symbol: how many low bits follow it, and the value's leading bits."""
+    sym = np.arange(256, dtype=np.int64)
+    nbits = np.where(sym < (2 << sub), 0, (sym >> sub) - 1)
+    top = np.where(sym < (2 << sub), sym, (sym & ((1 << sub) - 1)) | (1 << sub))
+    return nbits, top
+
+
+_TABLES = {sub: _symbol_tables(sub) for sub in (_ID_SUB, _HEAD_SUB)}
+
+
+def _bucket_nbits(sym, sub):
+    return _TABLES[sub][0][sym]
+
+
+def _unbucket(sym, low, sub):
+    nbits, top = _TABLES[sub]
+    return ((top[sym] << nbits[sym]) | low) - 1
+
+
+def _pack_bits(values, nbits) -> bytes:
+    nbits = np.asarray(nbits, dtype=np.int64)
+    total = int(nbits.sum())
+    if total == 0:
+        return b""
+    owner = np.repeat(np.arange(nbits.size), nbits)
+    ends = np.cumsum(nbits)
+    shift = ends[owner] - 1 - np.arange(total)
+    return np.packbits(((np.asarray(values, dtype=np.int64)[owner] >> shift) & 1).astype(np.uint8)).tobytes()
+
+
+def _unpack_bits(buf, nbits):
+    """Inverse of _pack_bits: reads each field through an 8-byte big-endian window at its first byte
+    (fields are at most 57 bits wide)."""
+    nbits = np.asarray(nbits, dtype=np.int64)
+    total = int(nbits.sum())
+    raw = np.frombuffer(buf, np.uint8)
+    if raw.size != (total + 7) // 8:
+        raise CodecError(f"expected {(total + 7) // 8} bytes of low bits, got {raw.size}")
+    if total == 0:
+        return np.zeros(nbits.size, np.int64)
+    starts = np.cumsum(nbits) - nbits
+    padded = np.concatenate([raw, np.zeros(8, np.uint8)])
+    windows = np.lib.stride_tricks.as_strided(padded, shape=(raw.size + 1, 8), strides=(1, 1))
+    words = windows[starts >> 3].view(">u8").ravel()
+    shift = (64 - (starts & 7) - nbits).astype(np.uint64)
+    mask = (np.uint64(1) << nbits.astype(np.uint64)) - np.uint64(1)
+    return ((words >> shift) & mask).astype(np.int64)
+
+
+def _undo_gaps(value, tie_start):
+    """Inverse of the id coding: within a tie group the first entry holds its rank and each later
+    entry the gap to the previous one (rank difference - 1). value, tie_start: [P, K]."""
+    w = np.where(tie_start, value, value + 1)
+    csum = np.cumsum(w, axis=1)
+    col = np.where(tie_start, np.arange(value.shape[1]), 0)
+    start_col = np.maximum.accumulate(col, axis=1)
+    before = np.take_along_axis(csum - w, start_col, 1)
+    return csum - before

@@ -1,0 +1,130 @@
+"""Format v1 of the top-k store: names, the manifest schema, and atomic file writes (see FORMAT.md).
+
+Everything that the writer, the reader and `verify` must agree on lives here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_NAME = "kdengine-topk"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTS_DIR = "parts"  # per-rank manifest parts: parts/rank-00003.json
+LOCK_FILE = ".manifest.lock"
+SHARD_RE = re.compile(r"^shard-(\d{6,})\.safetensors$")
+
+# Tensors of a shard (name -> dtype) and its required __metadata__ keys.
+SHARD_TENSORS = {
+    "input_ids": "int32",          # [sum T] the samples' token ids, concatenated
+    "token_offsets": "int64",      # [S+1] sample s owns input_ids[token_offsets[s]:token_offsets[s+1]]
+    "positions": "int32",          # [sum P] target positions t (predicting token t+1), sample-relative
+    "position_offsets": "int64",   # [S+1]
+    "payload": "uint8",            # [bytes] the codec frames, one per sample, concatenated
+    "frame_offsets": "int64",      # [S+1]
+    "sample_index": "int64",       # [S] the sample's index in the corpus
+    "sample_crc32": "uint32",      # [S] crc32 over the sample's input_ids, positions and frame bytes
+}
+OPTIONAL_TENSORS = {"vocab_order": "int32"}  # [V] rank -> id, codec 'sqrt'
+SHARD_METADATA_KEYS = ("format", "version", "codec", "codec_params", "k", "vocab_size",
+                       "tokenizer_fingerprint", "teacher", "chunk", "rank", "samples", "sample_ids")
+
+
+class StoreError(Exception):
+    """Anything wrong with a store on disk or with how it is used. The message names the file, shard,
+    sample or key at fault, what was expected and what was found, and what to do next."""
+
+
+def shard_name(chunk: int) -> str:
+    """Chunk c holds corpus samples [c*S, (c+1)*S) (S = --shard-samples); exactly one rank writes it."""
+    return f"shard-{chunk:06d}.safetensors"
+
+
+def part_name(rank: int) -> str:
+    return f"{PARTS_DIR}/rank-{rank:05d}.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Writes `path` via a temporary name in the same directory, fsync, rename, fsync of the directory:
+    a reader sees the old file or the whole new one, never a torn one, even after a crash."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dump_json(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8")
+
+
+def sample_crc32(input_ids, positions, frame) -> int:
+    """crc32 over a sample's int32 token ids, int32 positions and frame bytes (FORMAT.md)."""
+    crc = zlib.crc32(np.ascontiguousarray(input_ids, dtype="<i4"))
+    crc = zlib.crc32(np.ascontiguousarray(positions, dtype="<i4"), crc)
+    return zlib.crc32(frame, crc)
+
+
+def load_manifest(directory: str | Path) -> dict:
+    """Reads and checks DIR/manifest.json.
+
+    Raises:
+        StoreError: missing or unparsable manifest, another format, an unknown version, a missing key,
+            or a shard entry that does not name a plain shard file inside DIR.
+    """
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise StoreError(f"{directory}: no such directory (expected a store written by `kdengine dump`)")
+    if not path.is_file():
+        raise StoreError(f"{path}: missing; {directory} is not a store (write one with `kdengine dump`)")
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: not valid JSON ({exc}); the manifest is rebuilt from {PARTS_DIR}/ "
+                         f"when the dump is re-run") from None
+    check_manifest(manifest, path)
+    return manifest
+
+
+def check_manifest(manifest, path) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StoreError(f"{path}: format is {got!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: format version {manifest.get('version')!r}, this kdengine reads version "
+                         f"{FORMAT_VERSION}; use the kdengine release that wrote the store")
+    for key, kind in (("teacher", str), ("tokenizer_fingerprint", str), ("vocab_size", int), ("k", int),
+                      ("codec", dict), ("shards", list)):
+        if not isinstance(manifest.get(key), kind):
+            raise StoreError(f"{path}: key {key!r} is missing or not a {kind.__name__}")
+    for i, shard in enumerate(manifest["shards"]):
+        check_shard_entry(shard, f"{path}: shard entry {i}")
+
+
+def check_shard_entry(shard, where) -> None:
+    if not isinstance(shard, dict):
+        raise StoreError(f"{where}: expected an object, got {type(shard).__name__}")
+    name = shard.get("file")
+    if not isinstance(name, str) or not SHARD_RE.match(name):
+        raise StoreError(f"{where}: file {name!r} is not a shard file name inside the store directory "
+                         f"(expected shard-NNNNNN.safetensors; paths are refused)")
+    for key in ("chunk", "rank", "samples", "tokens", "positions", "payload_bytes", "bytes", "sha256"):
+        if key not in shard:
+            raise StoreError(f"{where} ({name}): key {key!r} is missing")

@@ -1,0 +1,212 @@
+"""Reading a store: `open_store(DIR)` gives a map-style torch Dataset over every sample.
+
+Shards are memory-mapped through safetensors and opened lazily, once per process (a DataLoader
+worker opens its own handles), so `store[i]` reads and decodes one sample and nothing else. Each
+sample's crc32 is checked before its frame is decoded, so a flipped byte becomes a StoreError naming
+the shard and the sample, never silently wrong targets.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from kdengine.store.codec import CodecError, make_codec
+from kdengine.store.format import (
+    FORMAT_NAME, FORMAT_VERSION, OPTIONAL_TENSORS, SHARD_METADATA_KEYS, SHARD_TENSORS, StoreError, load_manifest,
+    sample_crc32,
+)
+
+
+def open_store(directory: str | Path) -> "TopKStore":
+    """Opens the store in `directory` (reads manifest.json; shards open on first use).
+
+    Raises:
+        StoreError: no store there, an unknown format version, or a manifest that names files outside
+            the directory.
+    """
+    return TopKStore(directory)
+
+
+class TopKStore(torch.utils.data.Dataset):
+    """All samples of a store, in shard (chunk) order, i.e. corpus order.
+
+    `store[i]` is a dict:
+        input_ids: int64 [T] the tokens the teacher read.
+        positions: int64 [P] positions t whose next-token distribution is stored (it predicts
+            input_ids[t + 1]).
+        topk_idx: int32 [P, K] token ids, sorted by descending teacher probability.
+        topk_logp: float32 [P, K] full-vocabulary log-probabilities at temperature 1; per row
+            sum(exp(topk_logp)) <= 1 and the rest is the tail mass.
+        id: str, the corpus line's id; index: int, the sample's index in the corpus.
+
+    Attributes: path, manifest, k, vocab_size, teacher, tokenizer_fingerprint, codec (name),
+    codec_params, num_tokens, num_positions, complete.
+    """
+
+    MAX_OPEN_SHARDS = 64
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory)
+        self.manifest = load_manifest(self.path)
+        m = self.manifest
+        self.k, self.vocab_size = m["k"], m["vocab_size"]
+        self.teacher, self.tokenizer_fingerprint = m["teacher"], m["tokenizer_fingerprint"]
+        self.codec, self.codec_params = m["codec"].get("name"), m["codec"].get("params", {})
+        self.complete = bool(m.get("complete"))
+        self._shards = m["shards"]
+        self._starts = np.cumsum([0] + [s["samples"] for s in self._shards]).tolist()
+        self.num_tokens = sum(s["tokens"] for s in self._shards)
+        self.num_positions = sum(s["positions"] for s in self._shards)
+        self._open: OrderedDict[int, _Shard] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} out of range for a store of {n} samples")
+        i = int(i) % n
+        which = bisect.bisect_right(self._starts, i) - 1
+        return self.shard(which).sample(i - self._starts[which])
+
+    def shard(self, which: int) -> "_Shard":
+        """The opened shard number `which` (manifest order), opening it in this process if needed; at
+        most MAX_OPEN_SHARDS stay open (least recently used closed first)."""
+        if self._pid != os.getpid():  # forked into a DataLoader worker: the parent's handles are not ours
+            self._open, self._pid = OrderedDict(), os.getpid()
+        if which in self._open:
+            self._open.move_to_end(which)
+        else:
+            self._open[which] = _Shard(self.path, self._shards[which], self.manifest)
+            if len(self._open) > self.MAX_OPEN_SHARDS:
+                self._open.popitem(last=False)
+        return self._open[which]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_open"] = OrderedDict()
+        return state
+
+
+class _Shard:
+    """One opened shard file; checks it against its manifest entry before anything is read."""
+
+    def __init__(self, directory: Path, entry: dict, manifest: dict):
+        self.name = entry["file"]
+        path = directory / self.name
+        where = f"{directory}/{self.name}"
+        if not path.is_file():
+            raise StoreError(f"{where}: missing (the manifest lists it with {entry['samples']} samples); "
+                             f"re-run the dump command to rewrite it, or run `kdengine verify {directory}`")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise StoreError(f"{where}: {size} bytes, the manifest says {entry['bytes']} (truncated or "
+                             f"replaced); run `kdengine verify {directory}`, then re-dump the damaged shards")
+        try:
+            self._file = safe_open(str(path), framework="numpy")
+            meta = self._file.metadata() or {}
+            keys = set(self._file.keys())
+        except Exception as exc:  # safetensors raises its own error types for unreadable headers
+            raise StoreError(f"{where}: not a readable safetensors file ({exc}); "
+                             f"run `kdengine verify {directory}`") from None
+        self._where = where
+        _check_shard_header(meta, keys, entry, manifest, where)
+        self.token_offsets = self._tensor("token_offsets")
+        self.position_offsets = self._tensor("position_offsets")
+        self.frame_offsets = self._tensor("frame_offsets")
+        self.sample_index = self._tensor("sample_index")
+        self.sample_crc = self._tensor("sample_crc32")
+        n = entry["samples"]
+        for name in ("token_offsets", "position_offsets", "frame_offsets"):
+            off = getattr(self, name)
+            if off.shape != (n + 1,) or off[0] != 0 or np.any(np.diff(off) < 0):
+                raise StoreError(f"{where}: tensor {name} is not {n + 1} non-decreasing offsets from 0; "
+                                 f"run `kdengine verify {directory}`")
+        self.sample_ids = json.loads(meta["sample_ids"])
+        vocab_order = self._tensor("vocab_order") if "vocab_order" in keys else None
+        try:
+            self.codec = make_codec(manifest["codec"]["name"], k=manifest["k"], vocab_size=manifest["vocab_size"],
+                                    vocab_order=vocab_order, **manifest["codec"].get("params", {}))
+        except ValueError as exc:
+            raise StoreError(f"{where}: cannot build codec {manifest['codec']!r}: {exc}") from None
+
+    def _tensor(self, name):
+        try:
+            return self._file.get_tensor(name)
+        except Exception as exc:
+            raise StoreError(f"{self._where}: tensor {name!r} unreadable ({exc})") from None
+
+    def __len__(self) -> int:
+        return len(self.sample_index)
+
+    def raw(self, j: int):
+        """(input_ids int32 [T], positions int32 [P], frame bytes) of local sample j, crc-checked."""
+        t0, t1 = self.token_offsets[j:j + 2]
+        p0, p1 = self.position_offsets[j:j + 2]
+        f0, f1 = self.frame_offsets[j:j + 2]
+        try:
+            input_ids = self._file.get_slice("input_ids")[t0:t1]
+            positions = self._file.get_slice("positions")[p0:p1]
+            frame = self._file.get_slice("payload")[f0:f1].tobytes()
+        except Exception as exc:
+            raise StoreError(f"{self._where}: sample {j} (corpus index {self.sample_index[j]}) lies outside "
+                             f"the file's tensors ({exc})") from None
+        if sample_crc32(input_ids, positions, frame) != int(self.sample_crc[j]):
+            raise StoreError(f"{self._where}: sample {j} (corpus index {self.sample_index[j]}) fails its crc32 "
+                             f"check (corrupt bytes); run `kdengine verify {Path(self._where).parent}` "
+                             f"and re-dump the damaged shard")
+        return input_ids, positions, frame
+
+    def sample(self, j: int) -> dict:
+        input_ids, positions, frame = self.raw(j)
+        try:
+            idx, logp = self.codec.decode(frame)
+        except CodecError as exc:
+            raise StoreError(f"{self._where}: sample {j} (corpus index {self.sample_index[j]}) does not "
+                             f"decode: {exc}") from None
+        if idx.shape[0] != positions.shape[0]:
+            raise StoreError(f"{self._where}: sample {j} holds {idx.shape[0]} target rows for "
+                             f"{positions.shape[0]} positions")
+        return {
+            "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
+            "positions": torch.from_numpy(positions.astype(np.int64)),
+            "topk_idx": torch.from_numpy(idx),
+            "topk_logp": torch.from_numpy(logp),
+            "id": self.sample_ids[j],
+            "index": int(self.sample_index[j]),
+        }
+
+
+def _check_shard_header(meta: dict, keys: set, entry: dict, manifest: dict, where: str) -> None:
+    missing = [k for k in SHARD_METADATA_KEYS if k not in meta]
+    if missing:
+        raise StoreError(f"{where}: __metadata__ lacks {missing}; not a kdengine shard")
+    if meta["format"] != FORMAT_NAME or meta["version"] != str(FORMAT_VERSION):
+        raise StoreError(f"{where}: format {meta['format']!r} version {meta['version']!r}, expected "
+                         f"{FORMAT_NAME!r} version {FORMAT_VERSION}")
+    expected = {"codec": manifest["codec"]["name"], "k": str(manifest["k"]),
+                "vocab_size": str(manifest["vocab_size"]),
+                "tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
+                "chunk": str(entry["chunk"]), "samples": str(entry["samples"])}
+    for key, want in expected.items():
+        if meta[key] != want:
+            raise StoreError(f"{where}: __metadata__[{key!r}] is {meta[key]!r}, the manifest expects {want!r}")
+    for name, dtype in SHARD_TENSORS.items():
+        if name not in keys:
+            raise StoreError(f"{where}: tensor {name!r} ({dtype}) is missing")
+    unknown = keys - set(SHARD_TENSORS) - set(OPTIONAL_TENSORS)
+    if unknown:
+        raise StoreError(f"{where}: unexpected tensors {sorted(unknown)}")

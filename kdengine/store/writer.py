@@ -1,0 +1,332 @@
+"""Writing a store: one shard per chunk of samples, written atomically, and a manifest that lists them.
+
+`ShardBuilder` collects one chunk's samples and encodes them (it learns the shard's vocabulary order
+from the first positions it sees, then encodes as samples arrive). `StoreWriter` owns one rank's view
+of a store directory: it checks that a resumed dump matches the one on disk, writes finished shards
+(temporary name, fsync, rename), and keeps the manifest current (see FORMAT.md, "Ranks and the
+manifest").
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from kdengine.store.codec import learn_vocab_order, make_codec
+from kdengine.store.format import (
+    FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, PARTS_DIR, StoreError, check_shard_entry, dump_json,
+    fsync_dir, part_name, sample_crc32, shard_name, write_atomic,
+)
+
+
+@dataclass(frozen=True)
+class StoreHeader:
+    """What the manifest and every shard say about the whole store.
+
+    config: the dump settings a resumed run must repeat exactly (data hash, max length, chunking, ...);
+    any key that differs makes `StoreWriter` refuse the directory.
+    """
+
+    teacher: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    k: int
+    codec: str
+    codec_params: dict
+    config: dict
+
+
+class ShardBuilder:
+    """Encodes one chunk of samples into a shard's tensors.
+
+    Samples may arrive in any order (the dump sorts by length); the shard stores them by corpus index.
+    The vocabulary order of the 'sqrt' codec is learned from the first `learn_positions` positions
+    added, which are held raw until then.
+    """
+
+    def __init__(self, header: StoreHeader, *, learn_positions: int = 32768):
+        self.header = header
+        self.learn_positions = learn_positions
+        self.codec = None if header.codec == "sqrt" else make_codec(
+            header.codec, k=header.k, vocab_size=header.vocab_size, **header.codec_params)
+        self._pending = []  # raw samples waiting for the vocabulary order
+        self._pending_positions = 0
+        self._done = []  # (index, id, input_ids, positions, frame)
+
+    def add(self, index: int, sample_id: str, input_ids, positions, topk_idx, topk_logp) -> None:
+        """Adds one sample.
+
+        Args:
+            index: the sample's index in the corpus.
+            sample_id: its id (a string).
+            input_ids: int [T] token ids.
+            positions: int [P] target positions, each in [0, T-2].
+            topk_idx: int [P, K] ids, rows sorted by descending probability.
+            topk_logp: float [P, K] full-vocabulary log-probs of those ids.
+        """
+        input_ids = np.asarray(input_ids, dtype=np.int32)
+        positions = np.asarray(positions, dtype=np.int32)
+        topk_idx, topk_logp = np.asarray(topk_idx), np.asarray(topk_logp)
+        if topk_idx.shape != (positions.shape[0], self.header.k) or topk_logp.shape != topk_idx.shape:
+            raise ValueError(f"sample {index}: expected top-k of shape [{positions.shape[0]}, {self.header.k}], "
+                             f"got {topk_idx.shape} and {topk_logp.shape}")
+        if positions.size and (positions.min() < 0 or positions.max() >= input_ids.shape[0] - 1):
+            raise ValueError(f"sample {index}: target positions must lie in [0, {input_ids.shape[0] - 2}]")
+        item = (int(index), str(sample_id), input_ids, positions, topk_idx, topk_logp)
+        if self.codec is None:
+            self._pending.append(item)
+            self._pending_positions += positions.shape[0]
+            if self._pending_positions >= self.learn_positions:
+                self._start_codec()
+        else:
+            self._encode(item)
+
+    def _start_codec(self) -> None:
+        seen = [item[4] for item in self._pending]
+        ids = np.concatenate(seen) if seen else np.zeros((0, self.header.k), np.int64)
+        self.codec = make_codec("sqrt", k=self.header.k, vocab_size=self.header.vocab_size,
+                                vocab_order=learn_vocab_order(ids, self.header.vocab_size), **self.header.codec_params)
+        pending, self._pending = self._pending, []
+        for item in pending:
+            self._encode(item)
+
+    def _encode(self, item) -> None:
+        index, sample_id, input_ids, positions, topk_idx, topk_logp = item
+        self._done.append((index, sample_id, input_ids, positions, self.codec.encode(topk_idx, topk_logp)))
+
+    def __len__(self) -> int:
+        return len(self._done) + len(self._pending)
+
+    def finish(self) -> tuple[dict, list[str], dict]:
+        """Returns (tensors, sample ids, counts) for the shard; see FORMAT.md for the tensors."""
+        if self.codec is None:
+            self._start_codec()
+        done = sorted(self._done, key=lambda item: item[0])
+        tokens = [d[2] for d in done]
+        positions = [d[3] for d in done]
+        frames = [d[4] for d in done]
+        tensors = {
+            "input_ids": _concat(tokens, np.int32),
+            "token_offsets": _offsets(tokens),
+            "positions": _concat(positions, np.int32),
+            "position_offsets": _offsets(positions),
+            "payload": np.frombuffer(b"".join(frames), np.uint8).copy(),
+            "frame_offsets": _offsets(frames),
+            "sample_index": np.array([d[0] for d in done], np.int64),
+            "sample_crc32": np.array([sample_crc32(t, p, f) for t, p, f in zip(tokens, positions, frames)], np.uint32),
+        }
+        if getattr(self.codec, "vocab_order", None) is not None:
+            tensors["vocab_order"] = self.codec.vocab_order
+        counts = {"samples": len(done), "tokens": int(tensors["input_ids"].size),
+                  "positions": int(tensors["positions"].size), "payload_bytes": int(tensors["payload"].size)}
+        return tensors, [d[1] for d in done], counts
+
+
+def _concat(arrays, dtype):
+    return np.concatenate(arrays).astype(dtype) if arrays else np.zeros(0, dtype)
+
+
+def _offsets(items):
+    return np.concatenate([[0], np.cumsum([len(x) for x in items])]).astype(np.int64)
+
+
+class StoreWriter:
+    """One rank's writer for a store directory.
+
+    On creation it reads every rank's manifest part, refuses a directory written with other settings
+    (naming the setting and what to do), and records which chunks are already complete, so that a
+    re-run continues after them.
+    """
+
+    def __init__(self, directory: str | Path, header: StoreHeader, *, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise StoreError(f"rank must be in [0, {world_size}), got {rank}")
+        self.directory = Path(directory)
+        self.header, self.rank, self.world_size = header, rank, world_size
+        if self.directory.exists() and not self.directory.is_dir():
+            raise StoreError(f"{self.directory}: exists and is not a directory; choose another --out")
+        (self.directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        if (self.directory / MANIFEST).exists() and not any((self.directory / PARTS_DIR).iterdir()):
+            raise StoreError(f"{self.directory}: holds a manifest but no {PARTS_DIR}/ (not written by this "
+                             f"kdengine dump, or damaged); use a new --out directory")
+        parts = _read_parts(self.directory)
+        for part_rank, part in parts.items():
+            _check_same_dump(part["header"], _header_dict(header), self.directory / part_name(part_rank))
+        mine = parts.get(rank)
+        self._part = mine if mine is not None else {"rank": rank, "header": _header_dict(header), "shards": []}
+        # A listed shard whose file is gone or has another size is not done: it is written again.
+        self.done_chunks = {s["chunk"] for s in self._part["shards"]
+                            if (self.directory / s["file"]).is_file()
+                            and (self.directory / s["file"]).stat().st_size == s["bytes"]}
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        # Only this rank's own leftovers: another rank may be writing its temporary file right now.
+        for path in self.directory.glob(f".shard-*.tmp-r{self.rank:05d}"):
+            path.unlink(missing_ok=True)
+
+    def write_shard(self, chunk: int, builder: ShardBuilder) -> dict:
+        """Finishes `builder`, writes it as chunk `chunk`'s shard and updates the manifest.
+
+        Returns:
+            the shard's manifest entry.
+        """
+        tensors, sample_ids, counts = builder.finish()
+        name = shard_name(chunk)
+        metadata = {
+            "format": FORMAT_NAME, "version": str(FORMAT_VERSION), "codec": self.header.codec,
+            "codec_params": json.dumps(self.header.codec_params, sort_keys=True), "k": str(self.header.k),
+            "vocab_size": str(self.header.vocab_size), "tokenizer_fingerprint": self.header.tokenizer_fingerprint,
+            "teacher": self.header.teacher, "chunk": str(chunk), "rank": str(self.rank),
+            "samples": str(counts["samples"]), "sample_ids": json.dumps(sample_ids),
+        }
+        tmp = self.directory / f".{name}.tmp-r{self.rank:05d}"
+        save_file(tensors, str(tmp), metadata=metadata)
+        digest = _sha256_and_fsync(tmp)
+        final = self.directory / name
+        os.replace(tmp, final)
+        fsync_dir(self.directory)
+        entry = {"file": name, "chunk": chunk, "rank": self.rank, **counts,
+                 "bytes": final.stat().st_size, "sha256": digest}
+        self._part["shards"] = [s for s in self._part["shards"] if s["chunk"] != chunk] + [entry]
+        self._part["shards"].sort(key=lambda s: s["chunk"])
+        self._save_part()
+        self.done_chunks.add(chunk)
+        return entry
+
+    def finish(self, chunks_total: int) -> dict:
+        """Marks this rank's share as done and rewrites the manifest; returns the merged manifest."""
+        self._part["finished"] = True
+        self._part["chunks_total"] = chunks_total
+        return self._save_part()
+
+    def _save_part(self) -> dict:
+        write_atomic(self.directory / part_name(self.rank), dump_json(self._part))
+        return merge_manifest(self.directory)
+
+
+def drop_shards(directory: str | Path, files: list[str]) -> None:
+    """Removes shards from their rank's manifest part and deletes their files, so that re-running the
+    dump writes them again (`kdengine verify --drop-bad`). Do not run it while a dump is writing."""
+    directory = Path(directory)
+    files = set(files)
+    for part_rank, part in _read_parts(directory).items():
+        keep = [s for s in part["shards"] if s["file"] not in files]
+        if len(keep) != len(part["shards"]):
+            part["shards"] = keep
+            part.pop("finished", None)
+            write_atomic(directory / part_name(part_rank), dump_json(part))
+    for name in files:
+        (directory / name).unlink(missing_ok=True)
+    merge_manifest(directory)
+
+
+def merge_manifest(directory: str | Path) -> dict:
+    """Rebuilds manifest.json from every rank's part, under an exclusive lock on DIR/.manifest.lock.
+
+    Each rank rewrites only its own part and then merges; the merge re-reads all parts while holding
+    the lock, so the last merge to run sees every part written before it and no entry is lost.
+    """
+    directory = Path(directory)
+    with open(directory / LOCK_FILE, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            parts = _read_parts(directory)
+            manifest = _merged(parts)
+            write_atomic(directory / MANIFEST, dump_json(manifest))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return manifest
+
+
+def _merged(parts: dict) -> dict:
+    header = next(iter(parts.values()))["header"]
+    shards = sorted((s for part in parts.values() for s in part["shards"]), key=lambda s: s["chunk"])
+    chunks = [s["chunk"] for s in shards]
+    if len(set(chunks)) != len(chunks):
+        dup = sorted({c for c in chunks if chunks.count(c) > 1})
+        raise StoreError(f"chunks {dup} are listed by more than one rank part in {PARTS_DIR}/; two dumps "
+                         f"wrote this directory at once; delete it and dump again")
+    totals = {p.get("chunks_total") for p in parts.values() if p.get("finished")}
+    chunks_total = totals.pop() if len(totals) == 1 else None
+    complete = chunks_total is not None and chunks == list(range(chunks_total))
+    return {
+        "format": FORMAT_NAME, "version": FORMAT_VERSION,
+        "teacher": header["teacher"], "tokenizer_fingerprint": header["tokenizer_fingerprint"],
+        "vocab_size": header["vocab_size"], "k": header["k"],
+        "codec": {"name": header["codec"], "params": header["codec_params"]},
+        "dump": header["config"],
+        "complete": complete,
+        "chunks_total": chunks_total,
+        "ranks_finished": sorted(r for r, p in parts.items() if p.get("finished")),
+        "samples": sum(s["samples"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "positions": sum(s["positions"] for s in shards),
+        "payload_bytes": sum(s["payload_bytes"] for s in shards),
+        "shards": shards,
+    }
+
+
+def _read_parts(directory: Path) -> dict[int, dict]:
+    parts = {}
+    for path in sorted((directory / PARTS_DIR).glob("rank-*.json")):
+        try:
+            part = json.loads(path.read_bytes())
+            rank = int(part["rank"])
+            for i, shard in enumerate(part["shards"]):
+                check_shard_entry(shard, f"{path}: shard entry {i}")
+            part["header"]["config"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{path}: unreadable manifest part ({type(exc).__name__}: {exc}); the store is "
+                             f"damaged, dump again into a new --out directory") from None
+        parts[rank] = part
+    return parts
+
+
+def _header_dict(header: StoreHeader) -> dict:
+    return {"teacher": header.teacher, "tokenizer_fingerprint": header.tokenizer_fingerprint,
+            "vocab_size": header.vocab_size, "k": header.k, "codec": header.codec,
+            "codec_params": header.codec_params, "config": header.config}
+
+
+def check_dump_settings(directory: str | Path, settings: dict) -> None:
+    """Refuses early (before a teacher loads) a directory dumped with other settings.
+
+    Args:
+        settings: a subset of the header keys (teacher, k, codec, ..., config); only these are compared.
+    Raises:
+        StoreError: a key differs (the message names it, both values and what to do), or the
+            directory's parts are unreadable.
+    """
+    directory = Path(directory)
+    if not (directory / PARTS_DIR).is_dir():
+        return
+    for part_rank, part in _read_parts(directory).items():
+        _check_same_dump(part["header"], settings, directory / part_name(part_rank), only_given=True)
+
+
+def _check_same_dump(old: dict, new: dict, where: Path, *, only_given: bool = False) -> None:
+    flat_old = {**{k: v for k, v in old.items() if k != "config"}, **old.get("config", {})}
+    flat_new = {**{k: v for k, v in new.items() if k != "config"}, **new.get("config", {})}
+    keys = set(flat_new) if only_given else set(flat_old) | set(flat_new)
+    for key in sorted(keys):
+        if flat_old.get(key) != flat_new.get(key):
+            raise StoreError(
+                f"{where.parent.parent} was dumped with {key}={flat_old.get(key)!r}, this run has "
+                f"{key}={flat_new.get(key)!r} ({where} records the first). To continue that dump, re-run it "
+                f"with the same settings; to start a new one, use another --out directory.")
+
+
+def _sha256_and_fsync(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb+") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+        os.fsync(f.fileno())
+    return digest.hexdigest()

@@ -1,0 +1,309 @@
+"""The store end to end with the tiny real teacher: dump -> shards -> reader, inspect, verify, damage, resume."""
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kdengine.cli import cli
+from kdengine.corpus import load_corpus
+from kdengine.dump import DumpConfig, DumpError, dump, resolve_rank
+from kdengine.store import FORMAT_VERSION, StoreError, open_store, verify_store
+from kdengine.store.codec import make_codec
+from kdengine.teachers.encoding import special_prefix
+
+K = 8
+LINES = [
+    {"text": "The farmer has 12 apples and buys 7 more."},
+    {"prompt": "How many pencils does the student have?", "response": "She has 14 pencils.", "id": "pr-1"},
+    {"question": "Each book costs 3 dollars. How much do 5 books cost?", "answer": "5 * 3 = 15 dollars. #### 15"},
+    {"text": "Then the baker sells half of the 40 cars at the market every week."},
+    {"messages": [{"role": "user", "content": "What is 6 + 7?"}, {"role": "assistant", "content": "6 + 7 = 13."}]},
+    {"text": "They spend 9 hours a day at school, so how many minutes is that?"},
+    {"prompt": "A store sells oranges.", "response": "Each orange costs 2 dollars, so ten cost 20."},
+    {"text": "First he gives half of his 30 books to his teacher, then he buys 4 more."},
+    {"text": "How much does it cost to buy twice as many apples as last year?"},
+    {"text": "The total is 120 miles per week and 480 miles in four weeks."},
+    {"text": "We take the 3 cars to the market."},
+]
+
+
+def _write_corpus(path, lines=LINES):
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dumped(tmp_path_factory, tiny_model_dir):
+    """A finished 4-shard store of LINES (3 samples a shard, batches of 2)."""
+    root = tmp_path_factory.mktemp("dumped")
+    data = _write_corpus(root / "data.jsonl")
+    cfg = DumpConfig(teacher=str(tiny_model_dir), data=str(data), out=str(root / "store"), top_k=K,
+                     batch_size=2, shard_samples=3, progress=False)
+    summary = dump(cfg)
+    return cfg, summary
+
+
+def _copy_store(cfg, tmp_path):
+    out = tmp_path / "store"
+    shutil.copytree(cfg.out, out)
+    return out
+
+
+def _tensor_range(path, name):
+    """Byte range [start, end) of a tensor's data inside a safetensors file."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    begin, end = json.loads(raw[8:8 + n])[name]["data_offsets"]
+    return 8 + n + begin, 8 + n + end
+
+
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def test_round_trip_matches_the_teachers_topk(dumped, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, summary = dumped
+    store = open_store(cfg.out)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    corpus = load_corpus(cfg.data, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    codec = make_codec("sqrt", k=K, vocab_size=len(tokenizer), **store.codec_params)
+    assert len(store) == len(corpus.samples) == summary.samples and store.complete
+    checked = 0
+    for i in range(len(store)):
+        got, want = store[i], corpus.samples[i]
+        assert got["index"] == i and got["id"] == want.id
+        np.testing.assert_array_equal(got["input_ids"].numpy(), want.input_ids)
+        np.testing.assert_array_equal(got["positions"].numpy(), want.positions)
+        assert got["topk_idx"].dtype == torch.int32 and got["topk_logp"].dtype == torch.float32
+        with torch.no_grad():
+            ids = torch.from_numpy(want.input_ids[None].astype(np.int64))
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        ref_val, ref_idx = logp[got["positions"]].topk(K + 1, dim=-1)
+        for row in range(len(want.positions)):
+            if ref_val[row, K - 1] - ref_val[row, K] < 1e-4:  # a near-tie at the K-th place: ids may swap
+                continue
+            checked += 1
+            ids, lps = got["topk_idx"][row].tolist(), got["topk_logp"][row].double()
+            assert sorted(ids) == sorted(ref_idx[row, :K].tolist())
+            true = dict(zip(ref_idx[row, :K].tolist(), ref_val[row, :K].double().tolist()))
+            err = (torch.tensor([true[t] for t in ids]).exp().sqrt() - lps.exp().sqrt()).abs().max()
+            assert err <= codec.sqrt_prob_error_bound
+            assert torch.all(lps[1:] <= lps[:-1]) and lps.exp().sum() < 1
+    assert checked >= 0.98 * store.num_positions
+
+
+def test_prompt_response_targets_start_at_the_first_response_token(dumped, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    cfg, _ = dumped
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sample = next(s for s in (open_store(cfg.out)[i] for i in range(len(LINES))) if s["id"] == "pr-1")
+    prompt_ids = special_prefix(tokenizer) + tokenizer("How many pencils does the student have?",
+                                                       add_special_tokens=False)["input_ids"]
+    ids, positions = sample["input_ids"].tolist(), sample["positions"].tolist()
+    assert ids[:len(prompt_ids)] == prompt_ids
+    assert positions[0] == len(prompt_ids) - 1  # predicts the first response token
+    assert positions == list(range(len(prompt_ids) - 1, len(ids) - 1))  # ... through the EOS
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[positions[0] + 1:-1]).strip() == "She has 14 pencils."
+
+
+def test_dataloader_workers_read_the_same_samples(dumped):
+    cfg, _ = dumped
+    store = open_store(cfg.out)
+    store[0]  # handles opened in the parent must not leak into the workers
+    loader = torch.utils.data.DataLoader(store, batch_size=None, num_workers=2)
+    got = {s["index"]: s for s in loader}
+    assert sorted(got) == list(range(len(store)))
+    for i in range(len(store)):
+        assert torch.equal(got[i]["topk_idx"], store[i]["topk_idx"])
+        assert torch.equal(got[i]["topk_logp"], store[i]["topk_logp"])
+
+
+def test_same_command_again_writes_nothing(dumped):
+    cfg, _ = dumped
+    before = {p.name: p.stat().st_mtime_ns for p in Path(cfg.out).glob("shard-*")}
+    summary = dump(cfg)
+    assert summary.shards_written == 0 and summary.shards_already_done == 4 and summary.store_complete
+    after = {p.name: p.stat().st_mtime_ns for p in Path(cfg.out).glob("shard-*")}
+    assert before == after
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"top_k": 4}, "k=8"),
+    ({"max_length": 12}, "max_length=None"),
+    ({"codec": "raw"}, "codec='sqrt'"),
+    ({"shard_samples": 4}, "shard_samples=3"),
+])
+def test_a_different_dump_into_the_same_directory_is_refused(dumped, tmp_path, change, key):
+    cfg, _ = dumped
+    out = _copy_store(cfg, tmp_path)
+    with pytest.raises(StoreError, match=rf"was dumped with {key}, this run has .* another --out directory"):
+        dump(DumpConfig(**{**cfg.__dict__, "out": str(out), **change}))
+
+
+def test_changed_data_or_teacher_is_refused_before_the_model_loads(dumped, tmp_path):
+    cfg, _ = dumped
+    out = _copy_store(cfg, tmp_path)
+    data = _write_corpus(tmp_path / "data.jsonl", LINES[:-1])
+    with pytest.raises(StoreError, match="was dumped with data="):
+        dump(DumpConfig(**{**cfg.__dict__, "out": str(out), "data": str(data)}))
+    shutil.copy(cfg.data, data)
+    with pytest.raises(StoreError, match=r"was dumped with data=.*data\.jsonl"):  # same bytes, other file
+        dump(DumpConfig(**{**cfg.__dict__, "out": str(out), "data": str(data)}))
+    with pytest.raises(StoreError, match="was dumped with teacher_path="):
+        dump(DumpConfig(**{**cfg.__dict__, "out": str(out), "teacher": str(tmp_path / "no-such-model")}))
+
+
+def test_flipped_byte_in_a_frame(dumped, tmp_path):
+    cfg, _ = dumped
+    out = _copy_store(cfg, tmp_path)
+    shard = out / "shard-000001.safetensors"
+    start, end = _tensor_range(shard, "payload")
+    _flip(shard, start + 3)  # inside the shard's first sample (corpus index 3)
+    store = open_store(out)
+    with pytest.raises(StoreError, match=r"shard-000001\.safetensors: sample 0 \(corpus index 3\) fails its crc32"):
+        store[3]
+    store[4]  # the shard's other samples still read
+    report = verify_store(out, progress=False)
+    assert report.bad_files == ["shard-000001.safetensors"]
+    assert "sha256" in report.problems[0] and "corrupt" in report.problems[0]
+
+
+def test_flipped_byte_in_token_ids_is_caught_by_the_sample_crc(dumped, tmp_path):
+    cfg, _ = dumped
+    out = _copy_store(cfg, tmp_path)
+    shard = out / "shard-000000.safetensors"
+    start, _ = _tensor_range(shard, "input_ids")
+    _flip(shard, start)
+    with pytest.raises(StoreError, match=r"shard-000000\.safetensors: sample 0 .* crc32"):
+        open_store(out)[0]
+
+
+def test_truncated_deleted_and_outside_shards_are_refused_by_name(dumped, tmp_path):
+    cfg, _ = dumped
+    out = _copy_store(cfg, tmp_path)
+    truncated = out / "shard-000002.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    (out / "shard-000003.safetensors").unlink()
+    store = open_store(out)
+    with pytest.raises(StoreError, match=r"shard-000002\.safetensors: \d+ bytes, the manifest says \d+ \(truncated"):
+        store[6]
+    with pytest.raises(StoreError, match=r"shard-000003\.safetensors: missing"):
+        store[9]
+    report = verify_store(out, progress=False)
+    assert report.bad_files == ["shard-000002.safetensors", "shard-000003.safetensors"]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["file"] = "../outside.safetensors"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"shard entry 0: file '\.\./outside\.safetensors' is not a shard file name "
+                                         r"inside the store directory"):
+        open_store(out)
+
+
+def test_unknown_format_version_is_refused(dumped, tmp_path):
+    cfg, _ = dumped
+    out = _copy_store(cfg, tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["version"] = FORMAT_VERSION + 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=rf"format version {FORMAT_VERSION + 1}, this kdengine reads version 1"):
+        open_store(out)
+    with pytest.raises(StoreError, match="missing; .* is not a store"):
+        open_store(tmp_path)
+
+
+def test_verify_cli_names_bad_shards_then_drop_bad_and_redump_repairs(dumped, tmp_path):
+    cfg, _ = dumped
+    out = _copy_store(cfg, tmp_path)
+    shard = out / "shard-000001.safetensors"
+    _flip(shard, _tensor_range(shard, "payload")[0] + 5)
+    (out / "shard-000003.safetensors").unlink()
+    runner = CliRunner()
+    result = runner.invoke(cli, ["verify", str(out), "--quiet"])
+    assert result.exit_code == 1 and not isinstance(result.exception, (ValueError, KeyError, AttributeError))
+    assert "BAD shard-000001.safetensors: sha256" in result.output
+    assert "BAD shard-000003.safetensors: missing" in result.output
+    assert "--drop-bad" in result.output
+    result = runner.invoke(cli, ["verify", str(out), "--quiet", "--drop-bad"])
+    assert result.exit_code == 1 and "dropped 2 shard(s)" in result.output
+    summary = dump(DumpConfig(**{**cfg.__dict__, "out": str(out)}))
+    assert summary.shards_written == 2 and summary.store_complete
+    result = runner.invoke(cli, ["verify", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "OK, 4 shards, 11 samples" in result.output
+
+
+def test_inspect_json_keys_and_sample_view(dumped, tmp_path):
+    cfg, summary = dumped
+    runner = CliRunner()
+    result = runner.invoke(cli, ["inspect", cfg.out, "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert list(info) == ["samples", "tokens", "positions", "bytes", "bytes_per_position", "top_k", "vocab_size",
+                          "teacher", "tokenizer_fingerprint", "codec"]
+    assert info["samples"] == 11 and info["top_k"] == K and info["positions"] == summary.positions
+    assert info["bytes_per_position"] == pytest.approx(summary.bytes_per_position, abs=1e-3)
+    assert info["codec"]["name"] == "sqrt"
+
+    result = runner.invoke(cli, ["inspect", cfg.out, "--sample", "1"])
+    assert result.exit_code == 0, result.output
+    assert "sample id='pr-1' corpus index=1" in result.output and "t=18    next='S'" in result.output
+
+    out = _copy_store(cfg, tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["teacher"] = str(tmp_path / "moved-away")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = runner.invoke(cli, ["inspect", str(out), "--sample", "1"])
+    assert result.exit_code == 0
+    assert "cannot be loaded; showing token ids" in result.output and "next=#" in result.output
+
+    result = runner.invoke(cli, ["inspect", cfg.out, "--sample", "99"])
+    assert result.exit_code == 1 and "sample 99 out of range for a store of 11 samples" in result.output
+
+
+def test_bad_jsonl_fails_with_file_and_line_before_the_teacher_loads(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 3}\nnot json\n')
+    result = CliRunner().invoke(cli, ["dump", "--teacher", str(tmp_path / "no-model"), "--data", str(bad),
+                                      "--out", str(tmp_path / "out"), "--top-k", "4"])
+    assert result.exit_code == 1
+    assert f"{bad}:2: \"text\" must be a string, got a number (3)" in result.output
+    assert "2 bad lines in all" in result.output and "Traceback" not in result.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = CliRunner().invoke(cli, ["dump", "--teacher", "x", "--data", str(empty), "--out", str(tmp_path / "o"),
+                                      "--top-k", "4"])
+    assert result.exit_code == 1 and f"{empty}: empty file" in result.output
+
+
+def test_rank_comes_from_the_options_or_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_rank(None, None) == (0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert resolve_rank(None, None) == (3, 4)
+    assert resolve_rank(1, 2) == (1, 2)
+    with pytest.raises(DumpError, match="give both --rank and --world-size, or neither"):
+        resolve_rank(1, None)
+    with pytest.raises(DumpError, match="rank must be in \\[0, world size\\), got rank 2 of world size 2"):
+        resolve_rank(2, 2)
+
+
+def test_backend_is_passed_to_the_teacher_loader(tmp_path):
+    data = _write_corpus(tmp_path / "data.jsonl")
+    result = CliRunner().invoke(cli, ["dump", "--teacher", "m", "--data", str(data), "--out", str(tmp_path / "o"),
+                                      "--top-k", "4", "--backend", "nope"])
+    assert result.exit_code == 1 and "unknown teacher backend 'nope'" in result.output
