@@ -118,6 +118,8 @@ def make_student_command(teacher, layers, layer_map, out):
     except (TrainError, TeacherError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"student with {len(ids)} layers (teacher layers {','.join(map(str, ids))}) written to {out}")
+
+
 # ---- dump ---------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--teacher", required=True, help="Teacher model: a local from_pretrained directory or a .gguf file "
