@@ -239,6 +239,10 @@ def test_cli_and_script_share_flags():
 
 
 def test_gradient_checkpointing_takes_the_same_steps(store_dir, student_dir, tmp_path):
+    from kdengine.train.model import load_student
+
+    assert load_student(student_dir, grad_checkpointing=True).is_activation_checkpointing
+    assert not load_student(student_dir, grad_checkpointing=False).is_activation_checkpointing
     flags = ["--steps", 3, "--tail", "--temperature", 2, "--alpha", 0.7]
     main(_args(student_dir, store_dir, tmp_path / "plain", *flags))
     main(_args(student_dir, store_dir, tmp_path / "ckpt", *flags, "--grad-checkpointing"))
