@@ -54,10 +54,43 @@ def main() -> None:
                     "targets_per_step": statistics.mean(s["targets"] for s in steps),
                 })
                 print(rows[-1], flush=True)
-    _report(args, rows)
+    _report(args, rows, _loss_alone(args))
 
 
-def _report(args, rows) -> None:
+def _loss_alone(args) -> dict:
+    """Seconds for one loss forward + backward alone, per implementation, on the shape of a real first
+    batch (its teacher targets; the student's vocabulary), median of 3."""
+    import time
+
+    import torch
+    from transformers import AutoConfig
+
+    sys.path.insert(0, str(REPO))
+    from kdengine.losses import sparse_kl
+    from kdengine.losses.reference import sparse_kl_reference
+    from kdengine.store import open_store
+    from kdengine.train.data import collate, plan_batches, split_heldout
+    from kdengine.train.loop import _sample_lengths
+
+    store = open_store(args.store)
+    train_ids, _ = split_heldout(len(store), 0.02, 0)
+    first = plan_batches(train_ids, _sample_lengths(store), args.batch_tokens, seed=0)[0]
+    batch = collate([store[i] for i in first], pad_id=0)
+    vocab = AutoConfig.from_pretrained(args.student).vocab_size
+    logits = torch.randn(batch["targets"], vocab, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    out = {"targets": batch["targets"], "vocab": vocab}
+    for name, fn in (("kernel", sparse_kl), ("reference", sparse_kl_reference)):
+        times = []
+        for _ in range(3):
+            logits.grad = None
+            t0 = time.perf_counter()
+            fn(logits, batch["topk_idx"], batch["topk_logp"], batch["labels"], reduction="sum").backward()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def _report(args, rows, loss_alone) -> None:
     lines = [
         "# Training-step throughput: compiled sparse KL vs pure-torch reference (scripts/bench_train_step.py)",
         "",
@@ -75,6 +108,9 @@ def _report(args, rows) -> None:
         lines.append("")
         lines.append(f"Run {rep + 1}: kernel / reference throughput = {k['targets_per_s'] / ref['targets_per_s']:.2f}x, "
                      f"peak RSS {k['peak_mem_mib']:.0f} vs {ref['peak_mem_mib']:.0f} MiB.")
+    lines += ["", f"The loss alone, forward + backward on one batch's [{loss_alone['targets']}, {loss_alone['vocab']}] "
+              f"fp32 logits: kernel {loss_alone['kernel']:.3f} s, reference {loss_alone['reference']:.3f} s "
+              f"({loss_alone['reference'] / loss_alone['kernel']:.1f}x)."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

@@ -166,6 +166,8 @@ def _report(args, scores, timings, store, metrics, targets_trained) -> None:
     lines = [
         "# Sparse top-k KD vs plain CE on a real model (scripts/kd_quality.py)",
         "",
+        "`python scripts/kd_quality.py " + " ".join(sys.argv[1:]) + "`",
+        "",
         f"Teacher SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32); student: {args.layers} of its 30 layers "
         "(uniform map), its embeddings/norm/tied head. Text: GSM8K train problems as `Question: ...\\nAnswer: ...`.",
         f"Store: {len(st)} problems, {st.num_tokens} tokens, {st.num_positions} target positions, K={st.k}. "
