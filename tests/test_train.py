@@ -218,12 +218,18 @@ def test_padded_student_vocab_is_accepted(store_dir, student_dir, tmp_path):
     assert len(_records(tmp_path / "run")) == 2
 
 
-def test_existing_run_needs_resume(store_dir, student_dir, tmp_path):
+def test_existing_run_needs_resume_and_resume_warns_on_drift(store_dir, student_dir, tmp_path, capsys):
     main(_args(student_dir, store_dir, tmp_path, "--steps", 2))
     with pytest.raises(TrainError, match="already holds checkpoints .*pass --resume"):
         main(_args(student_dir, store_dir, tmp_path, "--steps", 2))
     with pytest.raises(TrainError, match="already >= --steps 2; raise --steps"):
         main(_args(student_dir, store_dir, tmp_path, "--steps", 2, "--resume"))
+    capsys.readouterr()
+    main(_args(student_dir, store_dir, tmp_path, "--steps", 3, "--resume", "--lr", 1e-3, "--log-every", 3))
+    err = capsys.readouterr().err
+    assert "warning: config changed since step-00000002: lr: checkpoint 0.003 -> now 0.001" in err
+    assert "steps: checkpoint 2 -> now 3" in err and "log_every" not in err
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3]
 
 
 def test_cli_and_script_share_flags():

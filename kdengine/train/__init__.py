@@ -19,13 +19,19 @@ def main(argv: list[str] | None = None, prog: str = "scripts/train.py") -> dict:
     Returns:
         The last logged training metrics (empty on ranks other than 0).
     Raises:
-        TrainError: a problem with the inputs found before or during setup (message says what to do).
+        TrainError: a problem with the inputs (message says what to do), including a store shard that
+            turns out damaged while training.
         SystemExit: bad flags or --help (argparse).
     """
+    from kdengine.store import StoreError
     from kdengine.train.config import parse_config
     from kdengine.train.loop import run
 
-    return run(parse_config(argv, prog))
+    cfg = parse_config(argv, prog)
+    try:
+        return run(cfg)
+    except StoreError as exc:  # a damaged shard met while training
+        raise TrainError(f"store {cfg.store}: {exc}") from exc
 
 
 __all__ = ["TrainError", "main"]
