@@ -163,14 +163,17 @@ def test_two_gloo_processes_match_one(store_dir, student_dir, tmp_path, mode):
         tied.save_pretrained(tmp_path / "tied")
         AutoTokenizer.from_pretrained(student_dir).save_pretrained(tmp_path / "tied")
         student_dir = tmp_path / "tied"
-    common = ["--steps", 6, "--batch-tokens", 128, "--alpha", 0.5]
-    main(_args(student_dir, store_dir, tmp_path / "one", *common, "--grad-accum", 2))
+    common = ["--steps", 5, "--batch-tokens", 128, "--alpha", 0.5, "--eval-every", 5]
+    main(_args(student_dir, store_dir, tmp_path / "one", *common, "--grad-accum", 4))
     extra = ["--fsdp"] if mode == "fsdp" else []
-    _torchrun(_args(student_dir, store_dir, tmp_path / "two", *common, *extra), nproc=2)
+    _torchrun(_args(student_dir, store_dir, tmp_path / "two", *common, "--grad-accum", 2, *extra), nproc=2)
     one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert [r["targets"] for r in two] == [r["targets"] for r in one]
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final", atol=1e-5)
+    for a, b in zip(_records(tmp_path / "one", "eval"), _records(tmp_path / "two", "eval")):
+        assert (a["step"], a["eval_targets"], a["eval_top1"]) == (b["step"], b["eval_targets"], b["eval_top1"])
+        assert a["eval_kd"] == pytest.approx(b["eval_kd"], rel=1e-5)
 
 
 def _cli_train(*args):
