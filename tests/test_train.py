@@ -99,6 +99,13 @@ def test_training_lowers_heldout_kd_and_raises_agreement(store_dir, student_dir,
     final = tmp_path / "final"
     assert AutoModelForCausalLM.from_pretrained(final).config.num_hidden_layers == 1
     assert len(AutoTokenizer.from_pretrained(final)) == len(AutoTokenizer.from_pretrained(student_dir))
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"question": "Each of 3 books costs 4 dollars. How many dollars?",
+                                    "answer": "3 * 4 = 12\n#### 12"}) + "\n")
+    result = CliRunner().invoke(cli, ["eval", "gsm8k", "--model", str(final), "--data", str(problems),
+                                      "--max-new-tokens", "4", "--log-dir", str(tmp_path / "gsm8k")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "gsm8k" / "report.json").is_file()
 
 
 @pytest.fixture(scope="module")
