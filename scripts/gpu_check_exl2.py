@@ -341,7 +341,7 @@ def stage_dump(args, hf_dir: Path) -> list[dict]:
     from kdengine.store import open_store
 
     runs = [("hf", hf_dir, ["--device", "cuda", "--dtype", "fp16"])]
-    runs += [(f"exl2-{bpw}", exl2_dir(args, bpw), ["--backend", "exl2"]) for bpw in args.bpw]
+    runs += [(f"exl2-{bpw}", exl2_dir(args, bpw), ["--backend", "exl2", "--device", "cuda"]) for bpw in args.bpw]
     rows, reference = [], None
     for name, path, extra in runs:
         out = args.work / f"store-{name}"

@@ -37,8 +37,8 @@ stage() {  # stage NAME COMMAND... : runs it, logs to $out/NAME.log, records wal
   tail -n 3 "$out/$name.log"
 }
 
-teacher_device=()
-[ "$backend" = hf ] && teacher_device=(--device "$device" --dtype "$dtype")
+teacher_device=(--device "$device")
+[ "$backend" = hf ] && teacher_device+=(--dtype "$dtype")
 stage dump "$python" -m kdengine dump --backend "$backend" --teacher "$teacher" --data "$train" \
   --out "$e2e/store" --top-k 64 --chat --max-length 512 --batch-size 32 "${teacher_device[@]}"
 stage make_student "$python" -m kdengine make-student --teacher "$student_from" --layers "$layers" --out "$e2e/student"
