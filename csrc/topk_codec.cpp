@@ -360,13 +360,10 @@ class SumTree {
     size_t at = 0;  // start of the block to search, at the current level
     for (int l = levels_; l-- > 0;) {
       const uint32_t* block = data_.data() + offset_[l] + at;
-      uint32_t quad[4];
-      for (int q = 0; q < 4; ++q) quad[q] = block[4 * q] + block[4 * q + 1] + block[4 * q + 2] + block[4 * q + 3];
-      const uint32_t q_at = pick(quad, target - sum, &sum);
-      if (q_at == 4) return -1;
-      const uint32_t c = pick(block + 4 * q_at, target - sum, &sum);
-      if (c == 4) return -1;
-      at = l > 0 ? (at + 4 * q_at + c) << 4 : at + 4 * q_at + c;
+      int c = 0;
+      while (c < 16 && sum + block[c] <= target) sum += block[c++];
+      if (c == 16) return -1;
+      at = l > 0 ? (at + c) << 4 : at + c;
     }
     *before = sum;
     return static_cast<int>(at);
@@ -378,14 +375,6 @@ class SumTree {
   }
 
  private:
-  // Of four weights, how many come before the one where their running sum passes `room`; adds
-  // those to *sum.
-  static uint32_t pick(const uint32_t* w, uint32_t room, uint32_t* sum) {
-    const uint32_t r1 = w[0], r2 = r1 + w[1], r3 = r2 + w[2], r4 = r3 + w[3];
-    const uint32_t n = (r1 <= room) + (r2 <= room) + (r3 <= room) + (r4 <= room);
-    *sum += n == 0 ? 0 : n == 1 ? r1 : n == 2 ? r2 : n == 3 ? r3 : r4;
-    return n;
-  }
   void shape(size_t n) {
     levels_ = 1;
     count_[0] = n;
@@ -530,7 +519,7 @@ class Frame {
     int32_t* ids = r.ids + row * k_;
     int32_t* lv = r.levels + row * k_;
     Models& m = *models_;
-    const int64_t pair = (static_cast<int64_t>(r.prev_context[row]) << 32) ^ static_cast<uint32_t>(r.context[row]);
+    const uint64_t pair = (uint64_t{static_cast<uint32_t>(r.prev_context[row])} << 32) | static_cast<uint32_t>(r.context[row]);
     const int64_t same_token = lookup(last_with_token_, r.context[row]);
     const int64_t same_pair = lookup(last_with_pair_, pair);
 
@@ -652,7 +641,8 @@ class Frame {
     }
   }
 
-  static int64_t lookup(const std::unordered_map<int64_t, int64_t>& map, int64_t key) {
+  template <class Key>
+  static int64_t lookup(const std::unordered_map<Key, int64_t>& map, Key key) {
     const auto it = map.find(key);
     return it == map.end() ? -1 : it->second;
   }
@@ -672,7 +662,8 @@ class Frame {
   BonusList bonus_;
   std::vector<int32_t> place_;                          // [vocab] 1 + the id's place in bonus_, or 0
   std::vector<std::pair<int32_t, uint32_t>> removed_;   // the row's excluded ids and their base weights
-  std::unordered_map<int64_t, int64_t> last_with_token_, last_with_pair_;
+  std::unordered_map<int32_t, int64_t> last_with_token_;  // input token -> the last row with it
+  std::unordered_map<uint64_t, int64_t> last_with_pair_;  // (previous token, token) -> the last row with them
 };
 
 // Each thread reuses its coder state and buffers from call to call.
