@@ -265,9 +265,9 @@ class Decoder {
     if (x_ < kRansL) x_ = (x_ << 32) | next_word();
   }
   // The inverses of Encoder::pop_uniform and pop_choice: put a choice back into the state.
-  void push_uniform(uint32_t u, uint32_t k) {
-    const uint32_t start = static_cast<uint32_t>((uint64_t{u} << 16) / k);
-    give(start, static_cast<uint32_t>(((uint64_t{u} + 1) << 16) / k) - start);
+  void push_uniform(uint32_t u, uint32_t k) {  // u < k < 2^16: 32-bit arithmetic
+    const uint32_t start = (u << 16) / k;
+    give(start, ((u + 1) << 16) / k - start);
   }
   void push_choice(uint32_t c, uint32_t share) { give(c ? 65536u - share : 0, c ? share : 65536u - share); }
   void finish() const {
@@ -553,9 +553,20 @@ class Frame {
     const bool next_known = next >= 0 && next < vocab_;
     const uint32_t base_total = static_cast<uint32_t>(table_.total());
     bonus_.clear(place_);
-    if (same_token >= 0) add_bonus(r.ids + same_token * k_, k_, base_total >> kSameTokenShift);
-    if (same_pair >= 0) add_bonus(r.ids + same_pair * k_, k_, base_total >> kSamePairShift);
-    if (row > 0) add_bonus(r.ids + (row - 1) * k_, k_, base_total >> kPreviousRowShift);
+    // The same row named by several sources is listed once with the sum of their bonuses (the same
+    // list as adding them one after the other).
+    std::pair<int64_t, uint32_t> sources[3];
+    int n_sources = 0;
+    for (const auto& [source, amount] : {std::pair<int64_t, uint32_t>{same_token, base_total >> kSameTokenShift},
+                                         {same_pair, base_total >> kSamePairShift},
+                                         {row - 1, base_total >> kPreviousRowShift}}) {
+      if (source < 0) continue;
+      int i = 0;
+      while (i < n_sources && sources[i].first != source) ++i;
+      if (i == n_sources) sources[n_sources++] = {source, 0};
+      sources[i].second += amount;
+    }
+    for (int i = 0; i < n_sources; ++i) add_bonus(r.ids + sources[i].first * k_, k_, sources[i].second);
     if (next_known) add_bonus(&next, 1, base_total >> kNextTokenShift);
     bonus_.build();
 
@@ -674,9 +685,12 @@ struct Workspace {
   Frame frame;
 };
 
+// On the heap, not in thread-local storage itself: code that the compiler specializes for a
+// thread-local object looks its address up again at every access (in a shared library).
 Workspace& workspace() {
-  thread_local Workspace ws;
-  return ws;
+  thread_local std::unique_ptr<Workspace> ws;
+  if (!ws) ws = std::make_unique<Workspace>();
+  return *ws;
 }
 
 }  // namespace
