@@ -258,8 +258,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_cuda", &kdengine::has_cuda, "whether this build has the CUDA kernels");
 
   py::register_exception<kdengine::TopKCodecError>(m, "TopKCodecError", PyExc_ValueError);
-  py::class_<kdengine::TopKCoder>(m, "TopKCoder",
-                                  "The sqrt_ac codec's entropy coder (csrc/topk_codec.h); kdengine.store.codec wraps it.")
+  py::class_<kdengine::TopKCoder>(m, "TopKCoder", "the sqrt_ac codec's coder (csrc/topk_codec.h)")
       .def(py::init([](int k, int vocab, int max_level, const py::array_t<uint32_t, py::array::c_style>& prior) {
              std::vector<uint32_t> weights(prior.data(), prior.data() + prior.size());
              return new kdengine::TopKCoder(k, vocab, max_level, std::move(weights));
@@ -267,7 +266,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("k"), py::arg("vocab"), py::arg("max_level"), py::arg("prior"))
       .def("encode", &kdengine::coder_encode, py::arg("ids"), py::arg("levels"), py::arg("tail"), py::arg("context"),
            py::arg("prev_context"), py::arg("next"),
-           "int32 ids/levels [P, K] (level descending, then id ascending), tail/context/prev_context/next [P] -> body bytes")
+           "int32 ids/levels [P, K] (any order in a row), tail/context/prev_context/next [P] -> body bytes")
       .def("decode", &kdengine::coder_decode, py::arg("body"), py::arg("context"), py::arg("prev_context"),
-           py::arg("next"), "body bytes-like + int32 [P] tokens -> (ids [P, K], levels [P, K], tail [P]); raises TopKCodecError");
+           py::arg("next"), "body + int32 [P] tokens -> (ids [P, K], levels [P, K], tail [P]); raises TopKCodecError");
 }

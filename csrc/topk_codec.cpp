@@ -273,7 +273,9 @@ class Decoder {
   void finish() const {
     if (at_ != size_) throw TopKCodecError(std::to_string(size_ - at_) + " bytes left over after the last symbol");
     const bool zeros = std::all_of(pushed_.begin(), pushed_.end(), [](uint32_t w) { return w == 0; });
-    if (x_ != kRansL || !zeros) throw TopKCodecError("the coder does not end in the state it started from (corrupt body)");
+    if (x_ != kRansL || !zeros) {
+      throw TopKCodecError("the coder does not end in the state it started from (corrupt body)");
+    }
   }
 
  private:
@@ -519,7 +521,8 @@ class Frame {
     int32_t* ids = r.ids + row * k_;
     int32_t* lv = r.levels + row * k_;
     Models& m = *models_;
-    const uint64_t pair = (uint64_t{static_cast<uint32_t>(r.prev_context[row])} << 32) | static_cast<uint32_t>(r.context[row]);
+    const uint64_t pair =
+        (uint64_t{static_cast<uint32_t>(r.prev_context[row])} << 32) | static_cast<uint32_t>(r.context[row]);
     const int64_t same_token = lookup(last_with_token_, r.context[row]);
     const int64_t same_pair = lookup(last_with_pair_, pair);
 
@@ -594,16 +597,18 @@ class Frame {
         for (int j = a; j < b; ++j) {
           const int32_t id = ids[j];
           if (id == given) continue;
-          if (table_.weight(id) == 0) throw std::invalid_argument(row_error(row, "id " + std::to_string(id) + " repeats"));
+          if (table_.weight(id) == 0) {
+            throw std::invalid_argument(row_error(row, "id " + std::to_string(id) + " repeats"));
+          }
           const int p = place_[id] - 1;
           io.members().push_back({table_.prefix(id), table_.weight(id), p >= 0 ? bonus_.prefix(p) : 0,
                                   p >= 0 ? bonus_.weight(p) : 0, p});
         }
-        const uint32_t run_base = static_cast<uint32_t>(table_.total()), run_bonus = static_cast<uint32_t>(bonus_.total());
+        const uint64_t run_base = table_.total(), run_bonus = bonus_.total();
         for (int j = a; j < b; ++j) {
           if (ids[j] != given) exclude(ids[j]);
         }
-        io.put_set(first, run_base, run_bonus);
+        io.put_set(first, static_cast<uint32_t>(run_base), static_cast<uint32_t>(run_bonus));
       }
       a = b;
     }
@@ -698,12 +703,15 @@ Workspace& workspace() {
 TopKCoder::TopKCoder(int k, int vocab, int max_level, std::vector<uint32_t> prior)
     : k_(k), vocab_(vocab), max_level_(max_level), prior_(std::move(prior)) {
   if (k < 1 || k > 65535) throw std::invalid_argument("k must be in [1, 65535], got " + std::to_string(k));
-  if (vocab < k || vocab >= (1 << 30)) throw std::invalid_argument("vocab must be in [k, 2^30), got " + std::to_string(vocab));
+  if (vocab < k || vocab >= (1 << 30)) {
+    throw std::invalid_argument("vocab must be in [k, 2^30), got " + std::to_string(vocab));
+  }
   if (max_level < 1 || max_level >= (1 << 20)) {
     throw std::invalid_argument("max_level must be in [1, 2^20), got " + std::to_string(max_level));
   }
   if (static_cast<int64_t>(prior_.size()) != vocab) {
-    throw std::invalid_argument("prior has " + std::to_string(prior_.size()) + " weights, expected vocab = " + std::to_string(vocab));
+    throw std::invalid_argument("prior has " + std::to_string(prior_.size()) + " weights, expected vocab = " +
+                                std::to_string(vocab));
   }
   uint64_t total = 0;
   for (uint32_t w : prior_) {
@@ -738,7 +746,9 @@ std::vector<uint8_t> TopKCoder::encode(const TopKRows& rows) const {
       ids[at] = id;
       lv[at] = level;
     }
-    if (rows.tail[row] < 1 || rows.tail[row] > max_level_) throw std::invalid_argument(row_error(row, "tail level out of range"));
+    if (rows.tail[row] < 1 || rows.tail[row] > max_level_) {
+      throw std::invalid_argument(row_error(row, "tail level out of range"));
+    }
   }
   ws.encoder.reset();
   ws.frame.reset(*this);

@@ -362,8 +362,8 @@ Tried while building `sqrt_ac` and dropped (B/pos at d=1/1100 on the same frames
   prior): -0.7 on the steps; not done, it would store ~40 KB of model state per shard;
 - adaptation limit 30 instead of 60 for the binary models: +0.05; bonus shifts 5 or 7 instead of 6: +0.3.
 Speed: per position the coder makes ~180 binary decisions and ~13 raw symbols for the levels and 63
-id searches in a 16-ary sum tree over the vocabulary (or in the row's bonus list); decoding is ~1.2-1.5x
-slower than `sqrt` in this table, encoding similar.
+id searches in a 16-ary sum tree over the vocabulary (or in the row's bonus list); it encodes at ~0.65x
+and decodes at ~0.75x the speed of `sqrt` here (the C++ part runs without holding the GIL).
 
 `sqrt` (previous default), tried in prototypes and dropped:
 - ids coded as a copy (distance back to the same token in the sample's own input) when possible:

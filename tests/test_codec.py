@@ -108,7 +108,8 @@ def test_mean_kl_matches_the_uniform_step_estimate(teacher_samples, name):
     codec = _codec(name, 16, vocab, delta=delta)
     kls = []
     for idx, logp, input_ids, positions in samples:
-        true, got = _align(idx, logp, *codec.decode(codec.encode(idx, logp, input_ids, positions), input_ids, positions))
+        frame = codec.encode(idx, logp, input_ids, positions)
+        true, got = _align(idx, logp, *codec.decode(frame, input_ids, positions))
         p, q = np.exp(true), np.exp(got)
         pt, qt = np.maximum(1 - p.sum(1), 0), 1 - q.sum(1)
         kls.append((p * (true - got)).sum(1) + pt * (np.log(np.maximum(pt, 1e-300)) - np.log(qt)))

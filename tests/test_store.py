@@ -340,7 +340,8 @@ def test_damaged_sqrt_ac_payload_bytes_are_refused_by_the_store(dumped, tmp_path
     for offset in range(start, end, max(1, (end - start) // 50)):  # spread over the shard's three frames
         _flip(shard, offset)
         store = open_store(out)
-        with pytest.raises(StoreError, match=r"shard-000000\.safetensors: sample \d \(corpus index \d\) fails its crc32"):
+        with pytest.raises(StoreError, match=r"shard-000000\.safetensors: sample \d \(corpus index \d\) fails its "
+                                             r"crc32"):
             for i in range(3):
                 store[i]
         shard.write_bytes(original)
