@@ -144,8 +144,10 @@ def make_student_command(teacher, layers, layer_map, out):
               help="Render prompt/response and question/answer lines through the chat template.")
 @click.option("--skip-bad-lines", is_flag=True,
               help="List malformed corpus lines and go on, instead of stopping at the first.")
-@click.option("--codec", type=click.Choice(["sqrt", "raw"]), default="sqrt", show_default=True,
-              help="sqrt: ~1 byte/entry, mean KL ~1e-5 at K=64 (see store/FORMAT.md); raw: lossless fp32.")
+@click.option("--codec", type=click.Choice(["sqrt_ac", "sqrt", "raw"]), default="sqrt_ac", show_default=True,
+              help="sqrt_ac: ~87 bytes/position at K=64, mean KL ~9e-6 (context-modelled; needs the compiled "
+                   "extension); sqrt: the same values in ~102 bytes/position, pure Python; raw: lossless fp32. "
+                   "See kdengine/store/FORMAT.md.")
 @click.option("--rank", type=int, default=None,
               help="This process's rank (with --world-size); default: torchrun's RANK, else 0.")
 @click.option("--world-size", type=int, default=None,
