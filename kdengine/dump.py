@@ -45,8 +45,9 @@ class DumpConfig:
     max_length: int | None = None
     batch_size: int = 8
     shard_samples: int = 1024
-    device: str = "cpu"
-    dtype: str = "fp32"
+    device: str | None = None  # None: the backend's default (hf: cpu; exl2: every visible GPU)
+    dtype: str | None = None  # None: the backend's default (hf: fp32; exl2: fp16)
+    backend_opts: dict = field(default_factory=dict)  # options only the backend knows (exl2: gpu_split)
     chat: bool = False
     skip_bad_lines: bool = False
     codec: str = DEFAULT_CODEC
@@ -117,7 +118,7 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
     if device == "cuda" and world_size > 1 and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     if teacher is None:
-        teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=device, dtype=cfg.dtype)
+        teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=device, dtype=cfg.dtype, **cfg.backend_opts)
     corpus = tokenize_corpus(checked, teacher.tokenizer, chat=cfg.chat, max_length=cfg.max_length,
                              skip_bad_lines=cfg.skip_bad_lines, progress=cfg.progress and rank == 0)
     codec_params = default_params(cfg.codec)

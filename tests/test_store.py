@@ -303,11 +303,12 @@ def test_rank_comes_from_the_options_or_torchrun(monkeypatch):
         resolve_rank(2, 2)
 
 
-def test_backend_is_passed_to_the_teacher_loader(tmp_path):
+def test_unknown_backend_is_refused_before_any_work(tmp_path):
     data = _write_corpus(tmp_path / "data.jsonl")
     result = CliRunner().invoke(cli, ["dump", "--teacher", "m", "--data", str(data), "--out", str(tmp_path / "o"),
                                       "--top-k", "4", "--backend", "nope"])
-    assert result.exit_code == 1 and "unknown teacher backend 'nope'" in result.output
+    assert result.exit_code == 2 and "'nope' is not one of 'hf', 'exl2'" in result.output
+    assert not (tmp_path / "o").exists()
 
 
 # ---- codecs in the store ------------------------------------------------------------------------------
