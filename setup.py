@@ -1,12 +1,12 @@
-"""Builds kdengine._C, the sparse-KL extension, against the torch that is already installed.
+"""Builds kdengine._C (the sparse-KL kernels and the store's top-k coder) against the installed torch.
 
     pip install -e . --no-build-isolation          # or, for a work tree: python setup.py build_ext --inplace
 
 Build isolation would compile against a different torch than the one you run (pip would fetch its
 own, CUDA build included), so torch must be installed first and isolation turned off.
 
-The CPU kernels are always built. The CUDA kernels are added when torch has CUDA and nvcc is found,
-unless KDENGINE_SKIP_CUDA is set. Switches (environment):
+The CPU kernels and the top-k coder are always built. The CUDA kernels are added when torch has CUDA
+and nvcc is found, unless KDENGINE_SKIP_CUDA is set. Switches (environment):
   KDENGINE_SKIP_CUDA=1    build the CPU kernels only
   KDENGINE_FORCE_CUDA=1   fail instead of falling back to CPU-only when torch's CUDA or nvcc is missing
   TORCH_CUDA_ARCH_LIST    GPU architectures, e.g. "9.0" or "8.0;9.0" (default: torch's choice, the visible GPUs)
@@ -59,7 +59,7 @@ def _default_max_jobs():
 def _extension():
     with_cuda, reason = _cuda_choice()
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
-    sources = ["csrc/bindings.cpp", "csrc/sparse_kl_cpu.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/sparse_kl_cpu.cpp", "csrc/topk_codec.cpp"]
     cxx = ["-O3", "-fopenmp"]
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "<unset: torch's default for the visible GPUs>")
     print(

@@ -7,6 +7,10 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <ATen/Parallel.h>
 #include <omp.h>
 #include <c10/util/BFloat16.h>
@@ -229,6 +233,22 @@ void run_rows(const Params& p, int64_t buf_len, RowsFn rows) {
   }
 }
 
+// The backward writes a fresh [N, V] gradient, and first-touch page faults on it cost more than the
+// math (4 KiB pages: ~200k faults for 800 MB). Where transparent huge pages are opt-in (madvise mode),
+// ask for them on the 2 MiB-aligned middle of the buffer, so it faults once per 2 MiB.
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // a hint: errors ignored
+#endif
+}
+
+int64_t element_size(Dtype dtype) {
+  return dtype == Dtype::kFloat32 ? 4 : dtype == Dtype::kFloat64 ? 8 : 2;
+}
+
 }  // namespace
 
 void sparse_kl_forward_cpu(const ForwardParams& p, Dtype dtype) {
@@ -244,6 +264,7 @@ void sparse_kl_backward_cpu(const BackwardParams& p, Dtype dtype) {
               : dtype == Dtype::kBFloat16 ? backward_rows_bf16
               : dtype == Dtype::kFloat16  ? backward_rows_f16
                                           : backward_rows_f64;
+  advise_huge_pages(p.grad_logits, p.n_rows * p.vocab * element_size(dtype));
   run_rows(p, 0, rows);
 }
 

@@ -15,6 +15,30 @@ def cli():
 _MODEL_ONLY_OPTIONS = ("data", "backend", "limit", "batch_size", "max_new_tokens", "chat", "fewshot", "device", "dtype")
 
 
+BACKEND_HELP = ("Teacher backend: hf (transformers: a model directory or a .gguf file) or exl2 (ExLlamaV2: an "
+                "EXL2 directory, spread over all visible GPUs).")
+
+
+def gpu_split_option(command):
+    return click.option("--gpu-split", metavar="GB,GB,...",
+                        help="exl2 backend: GB of weights to place on each visible GPU, in order, instead of "
+                             "filling them one after another (autosplit).")(command)
+
+
+def backend_opts(backend: str, gpu_split: str | None) -> dict:
+    """The backend-only options given on the command line, checked against the backend."""
+    if gpu_split is None:
+        return {}
+    if backend != "exl2":
+        raise click.UsageError("--gpu-split only applies with --backend exl2")
+    from kdengine.teachers.exl2 import parse_gpu_split
+
+    try:
+        return {"gpu_split": parse_gpu_split(gpu_split)}
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--gpu-split") from None
+
+
 @cli.group("eval")
 def eval_group():
     """Score models and their outputs on benchmarks."""
@@ -24,9 +48,7 @@ def eval_group():
 @click.option("--responses", type=click.Path(exists=True, dir_okay=False),
               help="Score this JSONL of existing outputs (fields: question, answer with '#### N', response); no model.")
 @click.option("--model", metavar="PATH", help="Generate answers with this model: a local from_pretrained directory or .gguf file.")
-@click.option("--backend", default="hf", show_default=True,
-              help="Teacher backend that loads --model: hf (transformers: a model directory or a .gguf file) "
-                   "or exl2 (ExLlamaV2: an EXL2 directory, on all visible GPUs).")
+@click.option("--backend", type=click.Choice(["hf", "exl2"]), default="hf", show_default=True, help=BACKEND_HELP)
 @click.option("--data", type=click.Path(exists=True, dir_okay=False),
               help="With --model: JSONL of GSM8K problems (fields: question, answer with '#### N').")
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N problems of --data.")
@@ -46,8 +68,9 @@ def eval_group():
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Dtype the weights are loaded in (GGUF weights are dequantized to it) "
                    "[default: hf: bf16 on cuda, fp32 on cpu; exl2: fp16].")
+@gpu_split_option
 @click.pass_context
-def eval_gsm8k(ctx, responses, model, log_dir, **model_options):
+def eval_gsm8k(ctx, responses, model, log_dir, gpu_split, **model_options):
     """Score GSM8K answers with the ordered extraction cascade (boxed, first line, answer phrase,
     last number) and write reports to a log directory.
 
@@ -71,15 +94,12 @@ def eval_gsm8k(ctx, responses, model, log_dir, **model_options):
         else:
             if model_options["data"] is None:
                 raise click.UsageError("--model needs --data FILE.jsonl (GSM8K problems to answer)")
-            log_dir, report = evaluate_model(model, log_dir=log_dir, **model_options)
+            log_dir, report = evaluate_model(model, log_dir=log_dir, **model_options,
+                                             backend_opts=backend_opts(model_options["backend"], gpu_split))
     except EvalError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"GSM8K accuracy {report['accuracy']:.2%} ({report['correct']}/{report['n']}); "
                f"{report['rules']['none']['count']} for manual review; reports in {log_dir}/")
-
-
-def main():
-    cli()
 
 
 @cli.command(
@@ -129,28 +149,31 @@ def make_student_command(teacher, layers, layer_map, out):
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Store directory. Re-running the same command on it resumes after the last complete shard.")
 @click.option("--top-k", "top_k", required=True, type=int, help="Entries kept per position (K), e.g. 64.")
-@click.option("--backend", default="hf", show_default=True, help="Teacher backend: hf (transformers) or exl2.")
+@click.option("--backend", type=click.Choice(["hf", "exl2"]), default="hf", show_default=True, help=BACKEND_HELP)
 @click.option("--max-length", type=int, default=None,
               help="Keep at most this many tokens of each sample (counted as truncated). Default: no limit.")
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Sequences per teacher forward (samples are sorted by length within each shard).")
 @click.option("--shard-samples", type=int, default=1024, show_default=True,
               help="Samples per shard; shard c holds corpus samples [c*S, (c+1)*S).")
-@click.option("--device", default="cpu", show_default=True,
-              help="Teacher device: cpu, cuda or cuda:N (under torchrun, cuda means cuda:LOCAL_RANK).")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Teacher compute dtype (GGUF weights are dequantized to it).")
+@click.option("--device", help="Teacher device: cpu, cuda or cuda:N (under torchrun, cuda means cuda:LOCAL_RANK) "
+                                "[default: hf: cpu; exl2: all visible GPUs].")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Teacher compute dtype; GGUF weights are dequantized to it [default: hf: fp32; exl2: fp16].")
+@gpu_split_option
 @click.option("--chat/--no-chat", default=False, show_default=True,
               help="Render prompt/response and question/answer lines through the chat template.")
 @click.option("--skip-bad-lines", is_flag=True,
               help="List malformed corpus lines and go on, instead of stopping at the first.")
-@click.option("--codec", type=click.Choice(["sqrt", "raw"]), default="sqrt", show_default=True,
-              help="sqrt: ~1 byte/entry, mean KL ~1e-5 at K=64 (see store/FORMAT.md); raw: lossless fp32.")
+@click.option("--codec", type=click.Choice(["sqrt_ac", "sqrt", "raw"]), default="sqrt_ac", show_default=True,
+              help="sqrt_ac: ~87 bytes/position at K=64, mean KL ~9e-6 (context-modelled; needs the compiled "
+                   "extension); sqrt: the same values in ~102 bytes/position, pure Python; raw: lossless fp32. "
+                   "See kdengine/store/FORMAT.md.")
 @click.option("--rank", type=int, default=None,
               help="This process's rank (with --world-size); default: torchrun's RANK, else 0.")
 @click.option("--world-size", type=int, default=None,
               help="Number of dump processes; each takes every W-th shard. Default: torchrun's WORLD_SIZE, else 1.")
-def dump(teacher, data, out, top_k, backend, max_length, batch_size, shard_samples, device, dtype, chat,
+def dump(teacher, data, out, top_k, backend, max_length, batch_size, shard_samples, device, dtype, gpu_split, chat,
          skip_bad_lines, codec, rank, world_size):
     """Run a teacher over a corpus and store its top-k next-token log-probs at every target position."""
     from kdengine.corpus import CorpusError
@@ -161,7 +184,8 @@ def dump(teacher, data, out, top_k, backend, max_length, batch_size, shard_sampl
 
     cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=top_k, backend=backend, max_length=max_length,
                      batch_size=batch_size, shard_samples=shard_samples, device=device, dtype=dtype, chat=chat,
-                     skip_bad_lines=skip_bad_lines, codec=codec, rank=rank, world_size=world_size)
+                     skip_bad_lines=skip_bad_lines, codec=codec, rank=rank, world_size=world_size,
+                     backend_opts=backend_opts(backend, gpu_split))
     try:
         s = run_dump(cfg)
     except (CorpusError, DumpError, StoreError, TeacherError) as e:
@@ -258,3 +282,7 @@ def verify(directory, quiet, drop_bad):
     else:
         hint = "re-run the same `kdengine dump` command to finish it"
     raise click.ClickException(f"{directory}: {len(report.problems)} problem(s); {hint}")
+
+
+def main():
+    cli()

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from kdengine.corpus import Sample, check_corpus, tokenize_corpus
 from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter, codec_names
+from kdengine.store.codec import DEFAULT_CODEC, codec_unavailable, default_params
 from kdengine.store.writer import check_dump_settings
 from kdengine.teachers import load_teacher, topk_logprobs
 
@@ -44,11 +45,12 @@ class DumpConfig:
     max_length: int | None = None
     batch_size: int = 8
     shard_samples: int = 1024
-    device: str = "cpu"
-    dtype: str = "fp32"
+    device: str | None = None  # None: the backend's default (hf: cpu; exl2: every visible GPU)
+    dtype: str | None = None  # None: the backend's default (hf: fp32; exl2: fp16)
+    backend_opts: dict = field(default_factory=dict)  # options only the backend knows (exl2: gpu_split)
     chat: bool = False
     skip_bad_lines: bool = False
-    codec: str = "sqrt"
+    codec: str = DEFAULT_CODEC
     rank: int | None = None
     world_size: int | None = None
     progress: bool = True
@@ -105,6 +107,9 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
             raise DumpError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.codec not in codec_names():
         raise DumpError(f"unknown codec {cfg.codec!r}; choose one of {', '.join(codec_names())}")
+    unavailable = codec_unavailable(cfg.codec)
+    if unavailable:
+        raise DumpError(unavailable)
     checked = check_corpus(cfg.data, skip_bad_lines=cfg.skip_bad_lines)  # fail fast, before the model loads
     config = _config(cfg, _sha256(cfg.data), world_size)
     check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "config": config})
@@ -113,10 +118,10 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
     if device == "cuda" and world_size > 1 and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     if teacher is None:
-        teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=device, dtype=cfg.dtype)
+        teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=device, dtype=cfg.dtype, **cfg.backend_opts)
     corpus = tokenize_corpus(checked, teacher.tokenizer, chat=cfg.chat, max_length=cfg.max_length,
                              skip_bad_lines=cfg.skip_bad_lines, progress=cfg.progress and rank == 0)
-    codec_params = {} if cfg.codec == "raw" else {"delta": 1 / 1100, "zstd_level": 1}
+    codec_params = default_params(cfg.codec)
     header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
                          vocab_size=teacher.vocab_size, k=cfg.top_k, codec=cfg.codec, codec_params=codec_params,
                          config=config)

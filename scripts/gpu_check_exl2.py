@@ -16,7 +16,7 @@ reports, over every target position of the corpus (the positions a dump stores):
 and three consistency checks of exl2's logits (max |Δlogit|, should be fp16 noise, ~1e-2 or less):
 causal (a prefix scored alone vs inside the full sequence), chunked (cache chunks of 1/3 the sample
 vs one pass) and padded (batched padded prefill vs per-sequence prefill). Stage dump then runs
-`kdengine dump` itself with each teacher (skipped while kdengine has no dump command) and reports its
+`kdengine dump` itself with each teacher and reports its
 wall-clock tokens/s and the stored top-1/top-K agreement. Last, a GSM8K smoke test: a few problems
 through generate() on each teacher. Targets at 8.0 bpw: top1 >= 0.99, kl_topk <= 1e-3.
 
@@ -333,15 +333,10 @@ def consistency_checks(args, bpw: float, exl2, batches: list[Batch]) -> dict:
 def stage_dump(args, hf_dir: Path) -> list[dict]:
     """`kdengine dump` of --data with each teacher (fresh stores under --work): wall-clock tokens/s
     (model load included) and, against the hf store, top-1 agreement and top-K overlap of what was stored."""
-    from kdengine.cli import cli
-
-    if "dump" not in cli.commands:
-        print("dump: this kdengine has no dump command yet; stage skipped")
-        return []
     from kdengine.store import open_store
 
     runs = [("hf", hf_dir, ["--device", "cuda", "--dtype", "fp16"])]
-    runs += [(f"exl2-{bpw}", exl2_dir(args, bpw), ["--backend", "exl2"]) for bpw in args.bpw]
+    runs += [(f"exl2-{bpw}", exl2_dir(args, bpw), ["--backend", "exl2", "--device", "cuda"]) for bpw in args.bpw]
     rows, reference = [], None
     for name, path, extra in runs:
         out = args.work / f"store-{name}"

@@ -69,13 +69,13 @@ def test_inputs_are_checked_before_the_model_is_loaded(tmp_path):
     assert result.exit_code == 1 and "already holds report.json" in result.output
 
 
-@pytest.mark.parametrize("backend, message", [("hf", "no such file or directory"),
-                                              ("nope", "unknown teacher backend 'nope'")])
-def test_an_unloadable_model_is_a_one_line_error(tmp_path, backend, message):
+@pytest.mark.parametrize("backend, exit_code, message", [("hf", 1, "no such file or directory"),
+                                                         ("nope", 2, "'nope' is not one of 'hf', 'exl2'")])
+def test_an_unloadable_model_is_a_one_line_error(tmp_path, backend, exit_code, message):
     good = _write_jsonl(tmp_path / "good.jsonl", [{"question": "q", "answer": "#### 1"}])
     result = CliRunner().invoke(cli, ["eval", "gsm8k", "--model", str(tmp_path / "no-such-model"), "--backend", backend,
                                       "--data", str(good), "--log-dir", str(tmp_path / "run")])
-    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert result.exit_code == exit_code and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()
 
 

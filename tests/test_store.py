@@ -14,6 +14,7 @@ from kdengine.corpus import load_corpus
 from kdengine.dump import DumpConfig, DumpError, dump, resolve_rank
 from kdengine.store import FORMAT_VERSION, StoreError, open_store, verify_store
 from kdengine.store.codec import make_codec
+from kdengine.store.format import sample_crc32
 from kdengine.teachers.encoding import special_prefix
 
 K = 8
@@ -76,7 +77,7 @@ def test_round_trip_matches_the_teachers_topk(dumped, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     corpus = load_corpus(cfg.data, tokenizer)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    codec = make_codec("sqrt", k=K, vocab_size=len(tokenizer), **store.codec_params)
+    codec = make_codec(store.codec, k=K, vocab_size=len(tokenizer), **store.codec_params)
     assert len(store) == len(corpus.samples) == summary.samples and store.complete
     checked = 0
     for i in range(len(store)):
@@ -142,7 +143,7 @@ def test_same_command_again_writes_nothing(dumped):
 @pytest.mark.parametrize("change, key", [
     ({"top_k": 4}, "k=8"),
     ({"max_length": 12}, "max_length=None"),
-    ({"codec": "raw"}, "codec='sqrt'"),
+    ({"codec": "raw"}, "codec='sqrt_ac'"),
     ({"shard_samples": 4}, "shard_samples=3"),
 ])
 def test_a_different_dump_into_the_same_directory_is_refused(dumped, tmp_path, change, key):
@@ -255,7 +256,7 @@ def test_inspect_json_keys_and_sample_view(dumped, tmp_path):
                           "teacher", "tokenizer_fingerprint", "codec"]
     assert info["samples"] == 11 and info["top_k"] == K and info["positions"] == summary.positions
     assert info["bytes_per_position"] == pytest.approx(summary.bytes_per_position, abs=1e-3)
-    assert info["codec"]["name"] == "sqrt"
+    assert info["codec"]["name"] == "sqrt_ac"
 
     result = runner.invoke(cli, ["inspect", cfg.out, "--sample", "1"])
     assert result.exit_code == 0, result.output
@@ -302,8 +303,101 @@ def test_rank_comes_from_the_options_or_torchrun(monkeypatch):
         resolve_rank(2, 2)
 
 
-def test_backend_is_passed_to_the_teacher_loader(tmp_path):
+def test_unknown_backend_is_refused_before_any_work(tmp_path):
     data = _write_corpus(tmp_path / "data.jsonl")
     result = CliRunner().invoke(cli, ["dump", "--teacher", "m", "--data", str(data), "--out", str(tmp_path / "o"),
                                       "--top-k", "4", "--backend", "nope"])
-    assert result.exit_code == 1 and "unknown teacher backend 'nope'" in result.output
+    assert result.exit_code == 2 and "'nope' is not one of 'hf', 'exl2'" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+# ---- codecs in the store ------------------------------------------------------------------------------
+def _rewrite_frame(shard, j, frame):
+    """Puts `frame` (same length) in place of local sample j's frame and fixes its crc32, as a writer
+    with a broken encoder would."""
+    from safetensors import safe_open
+
+    with safe_open(str(shard), framework="numpy") as f:
+        offsets = f.get_tensor("frame_offsets")
+        tokens, positions = f.get_tensor("token_offsets"), f.get_tensor("position_offsets")
+        input_ids = f.get_tensor("input_ids")[tokens[j]:tokens[j + 1]]
+        targets = f.get_tensor("positions")[positions[j]:positions[j + 1]]
+    assert len(frame) == offsets[j + 1] - offsets[j]
+    data = bytearray(shard.read_bytes())
+    start = _tensor_range(shard, "payload")[0] + int(offsets[j])
+    data[start:start + len(frame)] = frame
+    crc_at = _tensor_range(shard, "sample_crc32")[0] + 4 * j
+    data[crc_at:crc_at + 4] = struct.pack("<I", sample_crc32(input_ids, targets, frame))
+    shard.write_bytes(bytes(data))
+
+
+def test_damaged_sqrt_ac_payload_bytes_are_refused_by_the_store(dumped, tmp_path):
+    cfg, _ = dumped
+    assert open_store(cfg.out).codec == "sqrt_ac"
+    out = _copy_store(cfg, tmp_path)
+    shard = out / "shard-000000.safetensors"
+    start, end = _tensor_range(shard, "payload")
+    original = shard.read_bytes()
+    for offset in range(start, end, max(1, (end - start) // 50)):  # spread over the shard's three frames
+        _flip(shard, offset)
+        store = open_store(out)
+        with pytest.raises(StoreError, match=r"shard-000000\.safetensors: sample \d \(corpus index \d\) fails its "
+                                             r"crc32"):
+            for i in range(3):
+                store[i]
+        shard.write_bytes(original)
+
+    frame = bytearray(original[start:start + int(open_store(out).shard(0).frame_offsets[1])])
+    frame[12:] = bytes(len(frame) - 12)  # a crc-valid frame whose body does not decode
+    _rewrite_frame(shard, 0, bytes(frame))
+    with pytest.raises(StoreError, match=r"shard-000000\.safetensors: sample 0 \(corpus index 0\) does not decode: "):
+        open_store(out)[0]
+    assert open_store(out)[1]["index"] == 1
+
+
+def test_sqrt_store_reads_the_same_values_and_a_missing_table_is_refused(dumped, tmp_path):
+    cfg, _ = dumped
+    old = DumpConfig(**{**cfg.__dict__, "out": str(tmp_path / "sqrt"), "codec": "sqrt"})
+    summary = dump(old)
+    assert verify_store(old.out, progress=False).ok
+    new_store, old_store = open_store(cfg.out), open_store(old.out)
+    assert old_store.codec == "sqrt" and new_store.manifest["payload_bytes"] < old_store.manifest["payload_bytes"]
+    for i in range(len(new_store)):
+        a, b = new_store[i], old_store[i]
+        by_id_a = np.take_along_axis(a["topk_logp"].numpy(), np.argsort(a["topk_idx"].numpy(), 1), 1)
+        by_id_b = np.take_along_axis(b["topk_logp"].numpy(), np.argsort(b["topk_idx"].numpy(), 1), 1)
+        np.testing.assert_array_equal(np.sort(a["topk_idx"].numpy(), 1), np.sort(b["topk_idx"].numpy(), 1))
+        np.testing.assert_allclose(by_id_a, by_id_b, rtol=1e-6, atol=1e-6)  # same quantization
+    assert summary.samples == len(old_store)
+
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    out = _copy_store(cfg, tmp_path)
+    shard = out / "shard-000000.safetensors"
+    with safe_open(str(shard), framework="numpy") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(shard))
+    del tensors["id_prior"]
+    save_file(tensors, str(shard), metadata=metadata)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["bytes"] = shard.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"shard-000000\.safetensors: tensor 'id_prior' \(int32\) is missing; "
+                                         r"codec 'sqrt_ac' needs it"):
+        open_store(out)[0]
+
+
+def test_sqrt_ac_without_the_extension_fails_clearly_in_the_reader_and_before_the_dump(dumped, tmp_path, monkeypatch):
+    import sys
+
+    import kdengine
+
+    cfg, _ = dumped
+    monkeypatch.delattr(kdengine, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "kdengine._C", None)
+    with pytest.raises(StoreError, match=r"shard-000000\.safetensors: cannot build codec .*needs the compiled "
+                                         r"extension kdengine\._C"):
+        open_store(cfg.out)[0]
+    with pytest.raises(DumpError, match="needs the compiled extension kdengine._C.*or dump with --codec sqrt"):
+        dump(DumpConfig(**{**cfg.__dict__, "out": str(tmp_path / "o"), "teacher": str(tmp_path / "no-model")}))

@@ -266,19 +266,7 @@ def test_importing_kdengine_never_imports_exllamav2(tmp_path, tiny_model_dir):
     assert done.stdout.strip().startswith(UNAVAILABLE)  # refused before any import (so before any JIT build)
 
 
-def _cli_has(*command: str) -> bool:
-    from kdengine.cli import cli
-
-    group = cli
-    for name in command:
-        group = getattr(group, "commands", {}).get(name)
-        if group is None:
-            return False
-    return True
-
-
 @needs_cpu_torch
-@pytest.mark.skipif(not _cli_has("dump"), reason="the dump command has not landed in kdengine/cli.py yet")
 def test_dump_with_exl2_backend_fails_with_one_line(tiny_model_dir, tmp_path):
     data = tmp_path / "corpus.jsonl"
     data.write_text(json.dumps({"text": "the farmer has 12 apples and gives 5 away"}) + "\n")
@@ -291,8 +279,27 @@ def test_dump_with_exl2_backend_fails_with_one_line(tiny_model_dir, tmp_path):
     assert not (tmp_path / "store" / "manifest.json").exists()
 
 
+def test_gpu_split_is_refused_for_the_hf_backend(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from kdengine.cli import cli
+
+    data = tmp_path / "corpus.jsonl"
+    data.write_text(json.dumps({"text": "the farmer has 12 apples"}) + "\n")
+    result = CliRunner().invoke(cli, ["dump", "--teacher", str(tiny_model_dir), "--data", str(data), "--out",
+                                      str(tmp_path / "store"), "--top-k", "4", "--gpu-split", "20,20"])
+    assert result.exit_code == 2 and "--gpu-split only applies with --backend exl2" in result.output
+
+
+def test_cli_backend_choices_are_the_loader_backends():
+    from kdengine.cli import dump
+    from kdengine.teachers.load import BACKENDS
+
+    backend = next(p for p in dump.params if p.name == "backend")
+    assert sorted(backend.type.choices) == sorted(BACKENDS)
+
+
 @needs_cpu_torch
-@pytest.mark.skipif(not _cli_has("eval", "gsm8k"), reason="the eval gsm8k command has not landed in kdengine/cli.py yet")
 def test_eval_gsm8k_with_exl2_backend_fails_with_one_line(tiny_model_dir, tmp_path):
     data = tmp_path / "gsm8k.jsonl"
     data.write_text(json.dumps({"question": "How many apples?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")

@@ -44,7 +44,8 @@ def evaluate_responses(responses_file: str | Path, log_dir: str | Path | None = 
 def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: int | None = None,
                    batch_size: int = 8, max_new_tokens: int = 512, chat: bool = False,
                    fewshot: str | Path | None = None, log_dir: str | Path | None = None,
-                   device: str | None = None, dtype: str | None = None, progress: bool = True) -> tuple[Path, dict]:
+                   device: str | None = None, dtype: str | None = None, backend_opts: dict | None = None,
+                   progress: bool = True) -> tuple[Path, dict]:
     """Generates greedy answers to the problems in `data` with `model`, scores them, writes the reports.
 
     Args:
@@ -56,6 +57,7 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
         dtype: "fp32", "bf16" or "fp16"; None: for hf, bf16 on cuda and fp32 on cpu; for other
             backends, their own default (exl2: fp16). Recorded in the report as given (null: the
             backend's default).
+        backend_opts: options only the backend knows (exl2: gpu_split), passed to load_teacher.
         limit: use only the first `limit` problems.
         batch_size: prompts per generate call.
         max_new_tokens: the cap on each answer's length.
@@ -86,7 +88,7 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")
     try:
-        teacher = load_teacher(model, backend=backend, device=device, dtype=dtype)
+        teacher = load_teacher(model, backend=backend, device=device, dtype=dtype, **(backend_opts or {}))
     except TeacherError as e:
         raise EvalError(str(e)) from None
     load_s = time.perf_counter() - clock

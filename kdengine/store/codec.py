@@ -1,31 +1,32 @@
 """Per-sample codecs for the teacher's top-k: ids exact, log-probabilities quantized with a stated bound.
 
-A frame holds one sample's targets (P positions x K entries) and decodes on its own. The byte layout
-is specified in store/FORMAT.md; scripts/bench_codec.py measures the variants that were tried.
+A frame holds one sample's targets (P positions x K entries) and decodes on its own, given the
+sample's input_ids and target positions (which the shard stores next to it). The byte layout is
+specified in store/FORMAT.md; scripts/bench_codec.py measures the variants that were tried.
 
-`sqrt` (the default):
+Values (`sqrt_ac` and `sqrt`). Each position is K+1 buckets: the K entries and the tail (teacher mass
+outside the top-k). Each bucket is quantized in square-root-probability space:
+level = clamp(round(sqrt(p) / delta), 1, ceil(1 / delta)). KL(p || q) ~ sum (sqrt(p) - sqrt(q))^2 * 2
+whatever p is, so a uniform step in sqrt(p) spends the error budget evenly: mean KL ~ (K+1) delta^2 / 6
+(9.0e-6 nats at K=64, delta=1/1100), and tiny entries cost few bits. Decoding squares the levels and
+renormalizes the K+1 buckets, so sum(exp(topk_logp)) < 1 and the tail 1 - sum is never negative.
+Bound, for every entry and the tail: |sqrt(p_decoded) - sqrt(p_true)| <= delta * (1 + sqrt(K+1))
+(`sqrt_prob_error_bound`): delta for rounding (delta/2) or the clamp of entries below (delta/2)^2 to
+level 1, plus the worst case of the renormalization, which rescales every sqrt(p) by at most
+delta*sqrt(K+1) relative (in practice about delta/10). Entries come out sorted by level descending;
+among equal levels by id (`sqrt_ac`) or by vocabulary rank (`sqrt`).
 
-* Values. Each position is K+1 buckets: the K entries and the tail (teacher mass outside the top-k).
-  Each bucket is quantized in square-root-probability space:
-  level = clamp(round(sqrt(p) / delta), 1, ceil(1 / delta)). KL(p || q) ~ sum (sqrt(p) - sqrt(q))^2 * 2
-  whatever p is, so a uniform step in sqrt(p) spends the error budget evenly: mean KL ~ (K+1) delta^2 / 6
-  (9.0e-6 nats at K=64, delta=1/1100), and tiny entries cost few bits. Decoding squares the levels and
-  renormalizes the K+1 buckets, so sum(exp(topk_logp)) < 1 and the tail 1 - sum is never negative.
-  Bound, for every entry and the tail: |sqrt(p_decoded) - sqrt(p_true)| <= delta * (1 + sqrt(K+1))
-  (`SqrtCodec.sqrt_prob_error_bound`): delta for rounding (delta/2) or the clamp of entries below
-  (delta/2)^2 to level 1, plus the worst case of the renormalization, which rescales every sqrt(p)
-  by at most delta*sqrt(K+1) relative (in practice about delta/10).
-* Order. Entries come out sorted by (level descending, vocabulary rank ascending): the teacher's
-  order, except among entries whose quantized values are equal.
-* Ids. A vocabulary order learned per shard (`learn_vocab_order`: most frequent top-k ids first)
-  maps ids to ranks. Within a run of equal levels the first entry stores its rank, later ones the
-  gap to the previous rank. Numbers become a small bucket symbol (magnitude class + 2 leading bits)
-  plus raw low bits, as DEFLATE codes distances.
-* Levels are stored as steps between neighbours plus the smallest level; the tail level is stored
-  as its difference from what the normalization (sum of all K+1 squared levels ~ 1/delta^2) predicts.
-* Streams. Symbols go to separate byte streams by kind and column group (column 0, 1-3, 4-15,
-  16+), each in its own zstd block so that zstd's Huffman stage sees one kind of statistics; the low
-  bits are bit-packed after the zstd body.
+`sqrt_ac` (the default) codes the levels and ids with adaptive context models and rANS, in C++
+(csrc/topk_codec.cpp, through kdengine._C): the levels as steps down from the largest (context: the
+level above and the column), the tail level as a residual from the normalization, and each run of
+equal levels as a set of ids drawn from a weight table over the vocabulary that starts, in every
+frame, from the shard's learned id frequencies (`id_prior`) and adapts to the sample: ids seen
+earlier in the frame, ids of the rows with the same input token, the same two input tokens, and the
+row before, and the true next token get more weight. About 87 B/position at K=64 (15% below `sqrt`).
+
+`sqrt` codes the same levels as byte streams for zstd's Huffman stage: ids as gaps in a learned
+vocabulary order (`vocab_order`), split into a bucket symbol and raw low bits; level steps; per
+column group. About 102 B/position at K=64. Pure Python + zstd.
 
 `raw`: int32 ids and float32 log-probs as given, zstd level 1 (lossless, about 4x larger).
 """
@@ -36,11 +37,13 @@ import struct
 import numpy as np
 import zstandard
 
-_FRAME_HEADER = struct.Struct("<2sHII")  # codec tag, K, positions P, zstd body bytes
-_TAG = {"sqrt": b"Q1", "raw": b"R1"}
-_COLUMN_GROUPS = (0, 1, 4, 16)  # starts of the column groups; the last one runs to K
-_NIBBLE_FROM = 16  # level steps in columns >= this are small: two per byte
-_ID_SUB, _HEAD_SUB = 2, 3  # leading mantissa bits kept in the bucket symbol
+_FRAME_HEADER = struct.Struct("<2sHII")  # codec tag, K, positions P, body bytes
+_TAG = {"sqrt_ac": b"A1", "sqrt": b"Q1", "raw": b"R1"}
+_COLUMN_GROUPS = (0, 1, 4, 16)  # `sqrt`: starts of the column groups; the last one runs to K
+_NIBBLE_FROM = 16  # `sqrt`: level steps in columns >= this are small: two per byte
+_ID_SUB, _HEAD_SUB = 2, 3  # `sqrt`: leading mantissa bits kept in the bucket symbol
+DEFAULT_CODEC = "sqrt_ac"
+_EXTENSION_HINT = "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
 
 
 class CodecError(ValueError):
@@ -51,28 +54,64 @@ def codec_names() -> tuple[str, ...]:
     return tuple(_TAG)
 
 
-def make_codec(name: str, *, k: int, vocab_size: int, vocab_order: np.ndarray | None = None, **params):
-    """Builds a codec by name ('sqrt' or 'raw').
+def default_params(name: str) -> dict:
+    """The parameters a new store records for codec `name` (the manifest's codec params)."""
+    return dict(_codec_class(name).DEFAULTS)
+
+
+def shard_table_name(name: str) -> str | None:
+    """The per-shard tensor codec `name` learns and needs ('id_prior', 'vocab_order'), or None."""
+    return _codec_class(name).TABLE
+
+
+def learn_shard_table(name: str, topk_idx: np.ndarray, vocab_size: int) -> np.ndarray | None:
+    """The per-shard table of codec `name`, learned from the ids of a shard's first positions
+    (int [..., K]); None for a codec without one."""
+    learn = _codec_class(name).learn_table
+    return None if learn is None else learn(topk_idx, vocab_size)
+
+
+def codec_unavailable(name: str) -> str | None:
+    """Why codec `name` cannot run in this installation (its compiled part is missing), or None."""
+    if name != "sqrt_ac":
+        return None
+    try:
+        _coder_class()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def make_codec(name: str, *, k: int, vocab_size: int, table: np.ndarray | None = None, **params):
+    """Builds a codec by name ('sqrt_ac', 'sqrt' or 'raw').
 
     Args:
         name: codec name.
         k: entries per position (K).
         vocab_size: V; every id must be in [0, V).
-        vocab_order: int32 [V], rank -> id (see `learn_vocab_order`); 'sqrt' only, identity if None.
-        params: codec parameters as stored in the manifest (`codec.params()`), e.g. delta for 'sqrt'.
+        table: the codec's per-shard table (`shard_table_name`): int32 [V] id_prior for 'sqrt_ac'
+            (flat if None), int32 [V] vocab_order for 'sqrt' (identity if None); None for 'raw'.
+        params: codec parameters as stored in the manifest (`codec.params()`), e.g. delta.
     Raises:
-        ValueError: unknown name or parameter.
+        ValueError: unknown name or parameter, a bad table, or (for 'sqrt_ac') no compiled extension.
     """
-    if name == "sqrt":
-        unknown = set(params) - {"delta", "zstd_level"}
-        if unknown:
-            raise ValueError(f"codec 'sqrt' has no parameter(s) {sorted(unknown)}; it takes delta, zstd_level")
-        return SqrtCodec(k=k, vocab_size=vocab_size, vocab_order=vocab_order, **params)
-    if name == "raw":
-        if params or vocab_order is not None:
-            raise ValueError(f"codec 'raw' takes no parameters, got {sorted(params)}")
-        return RawCodec(k=k, vocab_size=vocab_size)
-    raise ValueError(f"unknown codec {name!r}; expected one of {', '.join(codec_names())}")
+    cls = _codec_class(name)
+    unknown = set(params) - set(cls.DEFAULTS)
+    if unknown:
+        takes = ", ".join(cls.DEFAULTS) or "no parameters"
+        raise ValueError(f"codec {name!r} has no parameter(s) {sorted(unknown)}; it takes {takes}")
+    if cls.TABLE is None:
+        if table is not None:
+            raise ValueError(f"codec {name!r} takes no per-shard table")
+        return cls(k=k, vocab_size=vocab_size, **params)
+    return cls(k=k, vocab_size=vocab_size, table=table, **params)
+
+
+def _codec_class(name: str):
+    codecs = {"sqrt_ac": SqrtAcCodec, "sqrt": SqrtCodec, "raw": RawCodec}
+    if name not in codecs:
+        raise ValueError(f"unknown codec {name!r}; expected one of {', '.join(codec_names())}")
+    return codecs[name]
 
 
 def learn_vocab_order(topk_idx: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -84,16 +123,38 @@ def learn_vocab_order(topk_idx: np.ndarray, vocab_size: int) -> np.ndarray:
     Returns:
         int32 [V], a permutation of range(V).
     """
+    return np.argsort(-_id_counts(topk_idx, vocab_size), kind="stable").astype(np.int32)
+
+
+def learn_id_prior(topk_idx: np.ndarray, vocab_size: int) -> np.ndarray:
+    """The `sqrt_ac` weight of each id before a frame starts: proportional to (count + 1/2) over the
+    top-k ids of a shard's first positions, scaled to a total of about 2^22, at least 1.
+
+    Args:
+        topk_idx: int [..., K] ids from the first batches of a shard.
+    Returns:
+        int32 [V], each in [1, 2^22], summing to at most 2^22 + V.
+    """
+    counts = _id_counts(topk_idx, vocab_size)
+    scaled = (2 * counts + 1) * (1 << 22) // (2 * int(counts.sum()) + vocab_size)
+    return np.maximum(scaled, 1).astype(np.int32)
+
+
+def _id_counts(topk_idx, vocab_size):
     counts = np.bincount(np.asarray(topk_idx, dtype=np.int64).ravel(), minlength=vocab_size)
     if counts.shape[0] != vocab_size:
         raise ValueError(f"top-k ids reach {counts.shape[0] - 1}, outside the vocabulary of {vocab_size}")
-    return np.argsort(-counts, kind="stable").astype(np.int32)
+    return counts
 
 
 class RawCodec:
-    """Lossless: int32 ids + float32 log-probs, zstd level 1."""
+    """Lossless: int32 ids + float32 log-probs, zstd level 1. The sample's tokens are not used."""
 
     name = "raw"
+    DEFAULTS: dict = {}
+    TABLE = None
+    learn_table = None
+    table = None
 
     def __init__(self, *, k: int, vocab_size: int):
         self.k, self.vocab_size = k, vocab_size
@@ -103,12 +164,12 @@ class RawCodec:
     def params(self) -> dict:
         return {}
 
-    def encode(self, topk_idx, topk_logp) -> bytes:
+    def encode(self, topk_idx, topk_logp, input_ids=None, positions=None) -> bytes:
         idx, logp = _check_inputs(topk_idx, topk_logp, self.k, self.vocab_size)
         body = self._zc.compress(idx.astype("<i4").tobytes() + logp.astype("<f4").tobytes())
         return _pack_frame("raw", idx.shape[0], self.k, body)
 
-    def decode(self, frame):
+    def decode(self, frame, input_ids=None, positions=None):
         n_pos, k, body, _ = _unpack_frame("raw", frame, self.k)
         try:
             data = self._zd.decompress(body, max_output_size=8 * n_pos * k)
@@ -122,20 +183,20 @@ class RawCodec:
 
 
 class SqrtCodec:
-    """Square-root-probability levels, rank-coded ids, zstd byte streams (see the module docstring)."""
+    """Square-root-probability levels, rank-coded ids, zstd byte streams (see the module docstring).
+    The sample's tokens are not used."""
 
     name = "sqrt"
+    DEFAULTS = {"delta": 1 / 1100, "zstd_level": 1}
+    TABLE = "vocab_order"
+    learn_table = staticmethod(learn_vocab_order)
 
     def __init__(self, *, k: int, vocab_size: int, delta: float = 1 / 1100, zstd_level: int = 1,
-                 vocab_order: np.ndarray | None = None):
-        if not 1e-6 <= delta <= 0.25:
-            raise ValueError(f"delta must be in [1e-6, 0.25], got {delta}")
-        self.k, self.vocab_size, self.delta, self.zstd_level = k, vocab_size, float(delta), int(zstd_level)
+                 table: np.ndarray | None = None):
+        self.k, self.vocab_size, self.delta, self.zstd_level = k, vocab_size, _check_delta(delta), int(zstd_level)
         self.max_level = int(np.ceil(1 / self.delta))
         self._escape_bits = int(self.max_level).bit_length()
-        if vocab_order is None:
-            vocab_order = np.arange(vocab_size, dtype=np.int32)
-        vocab_order = np.asarray(vocab_order)
+        vocab_order = np.arange(vocab_size, dtype=np.int32) if table is None else np.asarray(table)
         if vocab_order.shape != (vocab_size,) or not np.array_equal(np.sort(vocab_order), np.arange(vocab_size)):
             raise ValueError(f"vocab_order must be a permutation of range({vocab_size})")
         self.vocab_order = vocab_order.astype(np.int32)
@@ -146,6 +207,10 @@ class SqrtCodec:
             self.zstd_level, format=zstandard.FORMAT_ZSTD1_MAGICLESS, write_checksum=0, write_dict_id=0)
         self._zc = zstandard.ZstdCompressor(compression_params=params)
         self._zd = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+
+    @property
+    def table(self) -> np.ndarray:
+        return self.vocab_order
 
     def params(self) -> dict:
         return {"delta": self.delta, "zstd_level": self.zstd_level}
@@ -161,12 +226,13 @@ class SqrtCodec:
         return np.rint(np.sqrt(np.maximum(room, 0).astype(np.float64))).astype(np.int64)
 
     # ---- encode -------------------------------------------------------------------------------
-    def encode(self, topk_idx, topk_logp) -> bytes:
+    def encode(self, topk_idx, topk_logp, input_ids=None, positions=None) -> bytes:
         """Encodes one sample.
 
         Args:
             topk_idx: int [P, K] ids, each row sorted by descending probability.
             topk_logp: float [P, K] full-vocab log-probs (natural log) of those ids.
+            input_ids, positions: the sample's tokens and target positions (not used by this codec).
         Returns:
             the frame (bytes).
         Raises:
@@ -174,10 +240,7 @@ class SqrtCodec:
         """
         idx, logp = _check_inputs(topk_idx, topk_logp, self.k, self.vocab_size)
         n_pos, k = idx.shape
-        p = np.exp(logp.astype(np.float64))
-        tail = np.maximum(1.0 - p.sum(axis=1), 0.0)
-        level = np.clip(np.rint(np.sqrt(p) / self.delta), 1, self.max_level).astype(np.int64)
-        tail_level = np.clip(np.rint(np.sqrt(tail) / self.delta), 1, self.max_level).astype(np.int64)
+        level, tail_level = _sqrt_levels(logp, self.delta, self.max_level)
         rank = self._rank[idx]
         order = np.argsort(-level * self.vocab_size + rank, axis=1, kind="stable")
         level = np.take_along_axis(level, order, 1)
@@ -229,11 +292,12 @@ class SqrtCodec:
         return b"".join(out)
 
     # ---- decode -------------------------------------------------------------------------------
-    def decode(self, frame):
+    def decode(self, frame, input_ids=None, positions=None):
         """Decodes one sample's frame.
 
         Args:
             frame: bytes-like, as returned by `encode`.
+            input_ids, positions: the sample's tokens and target positions (not used by this codec).
         Returns:
             (idx int32 [P, K], logp float32 [P, K]) sorted by descending probability.
         Raises:
@@ -314,7 +378,145 @@ class SqrtCodec:
         return ids.astype(np.int32), logp.astype(np.float32)
 
 
+class SqrtAcCodec:
+    """Square-root-probability levels, coded with adaptive context models and rANS in C++ (see the
+    module docstring and FORMAT.md, "sqrt_ac"). Needs the compiled extension kdengine._C."""
+
+    name = "sqrt_ac"
+    DEFAULTS = {"delta": 1 / 1100}
+    TABLE = "id_prior"
+    learn_table = staticmethod(learn_id_prior)
+
+    def __init__(self, *, k: int, vocab_size: int, delta: float = 1 / 1100, table: np.ndarray | None = None):
+        if not 1 <= k <= 65535 or not k <= vocab_size <= 1 << 23:
+            raise ValueError(f"codec 'sqrt_ac' needs 1 <= K <= 65535 and K <= V <= 2^23, got K={k}, V={vocab_size}")
+        self.k, self.vocab_size, self.delta = k, vocab_size, _check_delta(delta)
+        self.max_level = int(np.ceil(1 / self.delta))
+        prior = learn_id_prior(np.zeros(0, np.int64), vocab_size) if table is None else np.asarray(table)
+        if (prior.shape != (vocab_size,) or not np.issubdtype(prior.dtype, np.integer) or prior.min() < 1
+                or prior.max() > 1 << 23 or int(prior.sum(dtype=np.int64)) > 1 << 24):
+            raise ValueError(f"id_prior must be {vocab_size} integer weights in [1, 2^23] summing to at most 2^24")
+        self.id_prior = prior.astype(np.int32)
+        self._coder = _coder_class()(k, vocab_size, self.max_level, self.id_prior.astype(np.uint32))
+        self._log_level = np.concatenate([[-np.inf], 2 * np.log(np.arange(1, self.max_level + 1, dtype=np.float64))])
+
+    @property
+    def table(self) -> np.ndarray:
+        return self.id_prior
+
+    def params(self) -> dict:
+        return {"delta": self.delta}
+
+    @property
+    def sqrt_prob_error_bound(self) -> float:
+        """Max |sqrt(p_decoded) - sqrt(p_true)| over stored entries and the tail (worst case)."""
+        return self.delta * (1.0 + np.sqrt(self.k + 1))
+
+    def encode(self, topk_idx, topk_logp, input_ids, positions) -> bytes:
+        """Encodes one sample.
+
+        Args:
+            topk_idx: int [P, K] ids, each row sorted by descending probability.
+            topk_logp: float [P, K] full-vocab log-probs (natural log) of those ids.
+            input_ids: int [T] the sample's tokens; positions: int [P] its target positions, each in
+                [0, T-2] (the decoder is given the same two arrays).
+        Returns:
+            the frame (bytes).
+        Raises:
+            ValueError: wrong shapes, ids outside [0, V) or repeated in a row, NaN/positive log-probs,
+                or positions outside the sample.
+        """
+        idx, logp = _check_inputs(topk_idx, topk_logp, self.k, self.vocab_size)
+        context = _token_context(input_ids, positions, idx.shape[0])
+        level, tail_level = _sqrt_levels(logp, self.delta, self.max_level)
+        body = self._coder.encode(idx.astype(np.int32), level.astype(np.int32), tail_level.astype(np.int32), *context)
+        return _pack_frame("sqrt_ac", idx.shape[0], self.k, body)
+
+    def decode(self, frame, input_ids, positions):
+        """Decodes one sample's frame.
+
+        Args:
+            frame: bytes-like, as returned by `encode`.
+            input_ids, positions: the sample's tokens and target positions, as given to `encode`.
+        Returns:
+            (idx int32 [P, K], logp float32 [P, K]) sorted by descending probability.
+        Raises:
+            CodecError: the frame is corrupt or truncated, was written with another K, id_prior or
+                delta, or does not belong to these tokens and positions.
+        """
+        n_pos, _, body, rest = _unpack_frame("sqrt_ac", frame, self.k)
+        if len(rest):
+            raise CodecError(f"{len(rest)} bytes after the body")
+        if len(positions) != n_pos:
+            raise CodecError(f"frame holds {n_pos} positions, the sample has {len(positions)}")
+        try:
+            context = _token_context(input_ids, positions, n_pos)
+        except ValueError as exc:
+            raise CodecError(f"the frame does not fit its sample: {exc}") from None
+        try:
+            ids, level, tail_level = self._coder.decode(body, *context)
+        except _coder_error() as exc:
+            raise CodecError(str(exc)) from None
+        squares = (level.astype(np.int64) ** 2).sum(axis=1) + tail_level.astype(np.int64) ** 2
+        logp = self._log_level[level] - np.log(squares.astype(np.float64))[:, None]
+        return ids, logp.astype(np.float32)
+
+
+def _coder_class():
+    """kdengine._C.TopKCoder; ValueError saying how to build it when the extension is missing."""
+    try:
+        import torch  # noqa: F401  (kdengine._C links against torch's libraries, which torch loads)
+
+        from kdengine import _C
+    except ImportError as exc:
+        raise ValueError(f"codec 'sqrt_ac' needs the compiled extension kdengine._C, which does not import "
+                         f"({exc}); {_EXTENSION_HINT}, or dump with --codec sqrt") from None
+    if not hasattr(_C, "TopKCoder"):
+        raise ValueError(f"kdengine._C ({_C.__file__}) was built before codec 'sqrt_ac' existed; rebuild it: "
+                         f"{_EXTENSION_HINT}")
+    return _C.TopKCoder
+
+
+def _coder_error():
+    from kdengine import _C
+
+    return _C.TopKCodecError
+
+
 # ---- helpers ----------------------------------------------------------------------------------
+def _check_delta(delta) -> float:
+    if not 1e-6 <= delta <= 0.25:
+        raise ValueError(f"delta must be in [1e-6, 0.25], got {delta}")
+    return float(delta)
+
+
+def _sqrt_levels(logp, delta, max_level):
+    """(level int64 [P, K], tail_level int64 [P]): clamp(round(sqrt(p) / delta), 1, max_level) of each
+    entry and of the tail mass 1 - sum p."""
+    p = np.exp(logp.astype(np.float64))
+    tail = np.maximum(1.0 - p.sum(axis=1), 0.0)
+    level = np.clip(np.rint(np.sqrt(p) / delta), 1, max_level).astype(np.int64)
+    tail_level = np.clip(np.rint(np.sqrt(tail) / delta), 1, max_level).astype(np.int64)
+    return level, tail_level
+
+
+def _token_context(input_ids, positions, n_pos):
+    """int32 [P] arrays input_ids[t], input_ids[t-1] (-1 at t = 0) and input_ids[t+1] for each target
+    position t."""
+    tokens = np.asarray(input_ids)
+    pos = np.asarray(positions)
+    if tokens.ndim != 1 or pos.shape != (n_pos,):
+        raise ValueError(f"expected input_ids [T] and positions [{n_pos}], got {tokens.shape} and {pos.shape}")
+    if n_pos and (pos.min() < 0 or pos.max() > tokens.shape[0] - 2):
+        raise ValueError(f"target positions must lie in [0, {tokens.shape[0] - 2}], got [{pos.min()}, {pos.max()}]")
+    if tokens.size and (tokens.min() < -(1 << 31) or tokens.max() >= 1 << 31):
+        raise ValueError("input_ids must fit in int32")
+    pos = pos.astype(np.int64)
+    tokens = tokens.astype(np.int32)
+    previous = np.where(pos > 0, tokens[np.maximum(pos - 1, 0)], -1).astype(np.int32)
+    return tokens[pos], previous, tokens[pos + 1]
+
+
 def _check_inputs(topk_idx, topk_logp, k, vocab_size):
     idx = np.asarray(topk_idx)
     logp = np.asarray(topk_logp)

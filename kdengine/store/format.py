@@ -30,7 +30,8 @@ SHARD_TENSORS = {
     "sample_index": "int64",       # [S] the sample's index in the corpus
     "sample_crc32": "uint32",      # [S] crc32 over the sample's input_ids, positions and frame bytes
 }
-OPTIONAL_TENSORS = {"vocab_order": "int32"}  # [V] rank -> id, codec 'sqrt'
+# The codec's per-shard table: [V] id weights (codec 'sqrt_ac') or rank -> id (codec 'sqrt').
+OPTIONAL_TENSORS = {"id_prior": "int32", "vocab_order": "int32"}
 SHARD_METADATA_KEYS = ("format", "version", "codec", "codec_params", "k", "vocab_size",
                        "tokenizer_fingerprint", "teacher", "chunk", "rank", "samples", "sample_ids")
 

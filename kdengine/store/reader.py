@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from kdengine.store.codec import CodecError, make_codec
+from kdengine.store.codec import CodecError, make_codec, shard_table_name
 from kdengine.store.format import (
     FORMAT_NAME, FORMAT_VERSION, OPTIONAL_TENSORS, SHARD_METADATA_KEYS, SHARD_TENSORS, StoreError, load_manifest,
     sample_crc32,
@@ -136,10 +136,11 @@ class _Shard:
                 raise StoreError(f"{where}: tensor {name} is not {n + 1} non-decreasing offsets from 0; "
                                  f"run `kdengine verify {directory}`")
         self.sample_ids = json.loads(meta["sample_ids"])
-        vocab_order = self._tensor("vocab_order") if "vocab_order" in keys else None
+        table_name = _codec_table_name(manifest, where)
+        table = self._tensor(table_name) if table_name else None
         try:
             self.codec = make_codec(manifest["codec"]["name"], k=manifest["k"], vocab_size=manifest["vocab_size"],
-                                    vocab_order=vocab_order, **manifest["codec"].get("params", {}))
+                                    table=table, **manifest["codec"].get("params", {}))
         except ValueError as exc:
             raise StoreError(f"{where}: cannot build codec {manifest['codec']!r}: {exc}") from None
 
@@ -173,7 +174,7 @@ class _Shard:
     def sample(self, j: int) -> dict:
         input_ids, positions, frame = self.raw(j)
         try:
-            idx, logp = self.codec.decode(frame)
+            idx, logp = self.codec.decode(frame, input_ids, positions)
         except CodecError as exc:
             raise StoreError(f"{self._where}: sample {j} (corpus index {self.sample_index[j]}) does not "
                              f"decode: {exc}") from None
@@ -207,6 +208,17 @@ def _check_shard_header(meta: dict, keys: set, entry: dict, manifest: dict, wher
     for name, dtype in SHARD_TENSORS.items():
         if name not in keys:
             raise StoreError(f"{where}: tensor {name!r} ({dtype}) is missing")
-    unknown = keys - set(SHARD_TENSORS) - set(OPTIONAL_TENSORS)
+    table = _codec_table_name(manifest, where)
+    if table and table not in keys:
+        raise StoreError(f"{where}: tensor {table!r} ({OPTIONAL_TENSORS[table]}) is missing; codec "
+                         f"{manifest['codec']['name']!r} needs it")
+    unknown = keys - set(SHARD_TENSORS) - {table}
     if unknown:
         raise StoreError(f"{where}: unexpected tensors {sorted(unknown)}")
+
+
+def _codec_table_name(manifest: dict, where: str) -> str | None:
+    try:
+        return shard_table_name(manifest["codec"].get("name"))
+    except ValueError as exc:
+        raise StoreError(f"{where}: {exc}; this kdengine cannot read the store") from None

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from kdengine.store.codec import learn_vocab_order, make_codec
+from kdengine.store.codec import learn_shard_table, make_codec, shard_table_name
 from kdengine.store.format import (
     FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, PARTS_DIR, StoreError, check_shard_entry, dump_json,
     fsync_dir, part_name, sample_crc32, shard_name, write_atomic,
@@ -46,14 +46,15 @@ class ShardBuilder:
     """Encodes one chunk of samples into a shard's tensors.
 
     Samples may arrive in any order (the dump sorts by length); the shard stores them by corpus index.
-    The vocabulary order of the 'sqrt' codec is learned from the first `learn_positions` positions
-    added, which are held raw until then.
+    A codec with a per-shard table (`sqrt_ac`: id_prior, `sqrt`: vocab_order) learns it from the
+    first `learn_positions` positions added, which are held raw until then.
     """
 
     def __init__(self, header: StoreHeader, *, learn_positions: int = 32768):
         self.header = header
         self.learn_positions = learn_positions
-        self.codec = None if header.codec == "sqrt" else make_codec(
+        self.table_name = shard_table_name(header.codec)
+        self.codec = None if self.table_name else make_codec(
             header.codec, k=header.k, vocab_size=header.vocab_size, **header.codec_params)
         self._pending = []  # raw samples waiting for the vocabulary order
         self._pending_positions = 0
@@ -90,15 +91,17 @@ class ShardBuilder:
     def _start_codec(self) -> None:
         seen = [item[4] for item in self._pending]
         ids = np.concatenate(seen) if seen else np.zeros((0, self.header.k), np.int64)
-        self.codec = make_codec("sqrt", k=self.header.k, vocab_size=self.header.vocab_size,
-                                vocab_order=learn_vocab_order(ids, self.header.vocab_size), **self.header.codec_params)
+        h = self.header
+        self.codec = make_codec(h.codec, k=h.k, vocab_size=h.vocab_size,
+                                table=learn_shard_table(h.codec, ids, h.vocab_size), **h.codec_params)
         pending, self._pending = self._pending, []
         for item in pending:
             self._encode(item)
 
     def _encode(self, item) -> None:
         index, sample_id, input_ids, positions, topk_idx, topk_logp = item
-        self._done.append((index, sample_id, input_ids, positions, self.codec.encode(topk_idx, topk_logp)))
+        frame = self.codec.encode(topk_idx, topk_logp, input_ids, positions)
+        self._done.append((index, sample_id, input_ids, positions, frame))
 
     def __len__(self) -> int:
         return len(self._done) + len(self._pending)
@@ -121,8 +124,8 @@ class ShardBuilder:
             "sample_index": np.array([d[0] for d in done], np.int64),
             "sample_crc32": np.array([sample_crc32(t, p, f) for t, p, f in zip(tokens, positions, frames)], np.uint32),
         }
-        if getattr(self.codec, "vocab_order", None) is not None:
-            tensors["vocab_order"] = self.codec.vocab_order
+        if self.table_name:
+            tensors[self.table_name] = self.codec.table
         counts = {"samples": len(done), "tokens": int(tensors["input_ids"].size),
                   "positions": int(tensors["positions"].size), "payload_bytes": int(tensors["payload"].size)}
         return tensors, [d[1] for d in done], counts

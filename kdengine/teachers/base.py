@@ -65,6 +65,20 @@ class Teacher(Protocol):
         ...
 
 
+def check_batch(input_ids: torch.Tensor, lengths: torch.Tensor, vocab: int) -> None:
+    """Raises ValueError unless input_ids is an int [B, T] batch with lengths [B] in [1, T] and ids in [0, vocab)."""
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be an int32/int64 [B, T] tensor, got {input_ids.dtype} "
+                         f"{tuple(input_ids.shape)}")
+    if lengths.shape != input_ids.shape[:1]:
+        raise ValueError(f"lengths must be [B] = [{input_ids.shape[0]}], got {tuple(lengths.shape)}")
+    if input_ids.numel() == 0 or int(lengths.min()) < 1 or int(lengths.max()) > input_ids.shape[1]:
+        raise ValueError(f"every length must be in [1, T={input_ids.shape[1]}], got {lengths.tolist()}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab:
+        raise ValueError(f"token ids must be in [0, {vocab}), got values in [{low}, {high}]")
+
+
 @dataclass
 class TopK:
     """Top-k of a log-softmax, per position: ids int32 [..., K] and log-probs float32 [..., K],

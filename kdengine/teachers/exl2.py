@@ -26,7 +26,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from kdengine.teachers.base import Generation, Prompt, TeacherError
+from kdengine.teachers.base import Generation, Prompt, TeacherError, check_batch
 from kdengine.teachers.encoding import encode_text, special_prefix
 
 UNAVAILABLE = (
@@ -362,7 +362,7 @@ class Exl2Teacher:
             ValueError: shapes, lengths or token ids out of range.
             TeacherError: a row longer than max_seq_len.
         """
-        self._check_batch(input_ids, lengths)
+        check_batch(input_ids, lengths, self._config.vocab_size)
         ids = input_ids.to("cpu", torch.long)  # exllamav2 keeps the embedding table in system memory
         lens = [int(n) for n in lengths.tolist()]
         longest = max(lens)
@@ -387,17 +387,6 @@ class Exl2Teacher:
                 self._generator.reset_page_table()  # its cached pages were overwritten
         return out
 
-    def _check_batch(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> None:
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"input_ids must be an int32/int64 [B, T] tensor, got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
-        if lengths.shape != input_ids.shape[:1]:
-            raise ValueError(f"lengths must be [B] = [{input_ids.shape[0]}], got {tuple(lengths.shape)}")
-        if input_ids.numel() == 0 or int(lengths.min()) < 1 or int(lengths.max()) > input_ids.shape[1]:
-            raise ValueError(f"every length must be in [1, T={input_ids.shape[1]}], got {lengths.tolist()}")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self._config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self._config.vocab_size}), got values in [{low}, {high}]")
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[Generation]:
         """Greedy continuations with exllamav2's dynamic generator (see base.Teacher.generate).

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from kdengine.teachers.base import Generation, Prompt, TeacherError
+from kdengine.teachers.base import Generation, Prompt, TeacherError, check_batch
 from kdengine.teachers.encoding import encode_text, special_prefix
 from kdengine.teachers.fingerprint import tokenizer_fingerprint
 
@@ -119,7 +119,7 @@ class HFTeacher:
         Raises:
             ValueError: shapes, lengths or token ids out of range.
         """
-        self._check_batch(input_ids, lengths)
+        check_batch(input_ids, lengths, self._model_vocab)
         ids = input_ids.to(self.device, torch.long, non_blocking=True)
         length = ids.shape[1]
         mask = None  # a batch without padding takes the plain causal path, the fastest one
@@ -145,7 +145,7 @@ class HFTeacher:
         for row, ids in enumerate(encoded):
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             mask[row, width - len(ids):] = 1
-        self._check_batch(input_ids, mask.sum(1))
+        check_batch(input_ids, mask.sum(1), self._model_vocab)
         watch = _StopWatch(self.tokenizer, width, len(encoded), self._eos_ids, stop)
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   eos_token_id=self._eos_ids or None, pad_token_id=self.tokenizer.pad_token_id)
@@ -160,17 +160,6 @@ class HFTeacher:
             results.append(Generation(text=text[:cut], new_tokens=n_new))
         return results
 
-    def _check_batch(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> None:
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"input_ids must be an int32/int64 [B, T] tensor, got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
-        if lengths.shape != input_ids.shape[:1]:
-            raise ValueError(f"lengths must be [B] = [{input_ids.shape[0]}], got {tuple(lengths.shape)}")
-        if input_ids.numel() == 0 or int(lengths.min()) < 1 or int(lengths.max()) > input_ids.shape[1]:
-            raise ValueError(f"every length must be in [1, T={input_ids.shape[1]}], got {lengths.tolist()}")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self._model_vocab:
-            raise ValueError(f"token ids must be in [0, {self._model_vocab}), got values in [{low}, {high}]")
 
 
 class _StopWatch(StoppingCriteria):
