@@ -20,9 +20,9 @@ Writes the student, store and runs under --out, and the table to scripts/results
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
-import math
 import random
 import subprocess
 import sys
@@ -120,43 +120,23 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True, cwd=REPO)
 
 
-@torch.no_grad()
 def _score(students: dict, teacher_path: str, eval_file: Path) -> dict:
     """Per model: mean full-vocab KL(teacher || model) per target position, top-1 agreement with the
-    teacher, and perplexity of the held-out text; plus the teacher's own perplexity."""
+    teacher, and perplexity of the held-out text; plus the teacher's own perplexity (kdengine.evals.distill)."""
     from transformers import AutoModelForCausalLM
 
     from kdengine.corpus import load_corpus
+    from kdengine.evals.distill import distill_metrics
     from kdengine.teachers.hf import load_hf_teacher
 
     teacher = load_hf_teacher(teacher_path, device="cpu", dtype="fp32")
     samples = load_corpus(eval_file, teacher.tokenizer).samples
-    teacher_logp = []
-    for s in samples:
-        x = torch.as_tensor(s.input_ids, dtype=torch.long)[None]
-        pos = torch.as_tensor(s.positions, dtype=torch.long)
-        teacher_logp.append(teacher.model(input_ids=x).logits[0, pos].float().log_softmax(-1))
-    scores = {"teacher": _model_scores(None, samples, teacher_logp)}
-    del teacher
-    for name, path in students.items():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        scores[name] = _model_scores(model, samples, teacher_logp)
-        print(name, scores[name], flush=True)
+    models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for name, path in students.items()}
+    scores = {name: dataclasses.asdict(m) for name, m in distill_metrics(teacher, models, samples).items()}
+    for name, s in scores.items():
+        print(name, s, flush=True)
     return scores
-
-
-def _model_scores(model, samples, teacher_logp) -> dict:
-    kl = agree = nll = n = 0.0
-    for s, t_logp in zip(samples, teacher_logp):
-        x = torch.as_tensor(s.input_ids, dtype=torch.long)[None]
-        pos = torch.as_tensor(s.positions, dtype=torch.long)
-        logp = t_logp if model is None else model(input_ids=x).logits[0, pos].float().log_softmax(-1)
-        nxt = x[0, pos + 1]
-        kl += float((t_logp.exp() * (t_logp - logp)).sum())
-        agree += float((logp.argmax(-1) == t_logp.argmax(-1)).sum())
-        nll -= float(logp.gather(1, nxt[:, None]).sum())
-        n += len(pos)
-    return {"kl": kl / n, "top1": agree / n, "ppl": math.exp(nll / n), "positions": int(n)}
 
 
 def _report(args, scores, timings, store, metrics, targets_trained) -> None:
@@ -180,9 +160,9 @@ def _report(args, scores, timings, store, metrics, targets_trained) -> None:
         "|---|---:|---:|---:|",
     ]
     for name, s in scores.items():
-        kl = "0" if name == "teacher" else f"{s['kl']:.4f}"
-        top1 = "1" if name == "teacher" else f"{s['top1']:.4f}"
-        lines.append(f"| {name} | {kl} | {top1} | {s['ppl']:.3f} |")
+        kl = "0" if name == "teacher" else f"{s['kl_to_teacher']:.4f}"
+        top1 = "1" if name == "teacher" else f"{s['top1_agreement']:.4f}"
+        lines.append(f"| {name} | {kl} | {top1} | {s['perplexity']:.3f} |")
     lines += ["", "Wall time (s, 2 shared CPU cores): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     text = "\n".join(lines)
     print(text)

@@ -1,0 +1,125 @@
+"""How close students are to their teacher on held-out text, measured against the teacher itself.
+
+Teacher forcing over held-out samples (`kdengine.corpus.Sample`: token ids and target positions, as
+the dump makes them); at every target position p, over the full vocabulary V, with p_t and p_s the
+teacher's and the student's next-token distributions:
+
+- KL to teacher: KL(p_t || p_s) = sum_v p_t(v) * (log p_t(v) - log p_s(v)), in nats, averaged over
+  positions (the forward KL that distillation minimises, here without any top-k truncation);
+- top-1 agreement: the fraction of positions where argmax p_s = argmax p_t;
+- perplexity: exp of the mean negative log-likelihood of the actual next token input_ids[p + 1].
+
+The teacher's own row has KL 0 and agreement 1 by definition; its perplexity is measured on the same
+tokens, the bar a student's perplexity is read against.
+
+    metrics = distill_metrics(load_teacher("teacher/"), {"student": student_model}, samples)
+    metrics["student"].kl_to_teacher
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+TEACHER = "teacher"  # the key of the teacher's own row in distill_metrics' result
+
+
+@dataclass(frozen=True)
+class DistillMetrics:
+    """One model's scores over `positions` held-out target positions (definitions in the module docstring)."""
+
+    kl_to_teacher: float
+    top1_agreement: float
+    perplexity: float
+    positions: int
+
+
+@torch.inference_mode()
+def distill_metrics(teacher, students: Mapping[str, torch.nn.Module], samples: Sequence, *, batch_size: int = 8,
+                    progress: bool = True) -> dict[str, DistillMetrics]:
+    """Full-vocabulary KL to the teacher, top-1 agreement and perplexity of each student.
+
+    Each batch runs through the teacher once and through every student, so the teacher's [P, V]
+    distributions are never stored for the whole set.
+
+    Args:
+        teacher: a `kdengine.teachers.Teacher` (its `logits(input_ids, lengths)` gives [B, T, V]).
+        students: name -> transformers causal LM over the teacher's vocabulary (its logits may be wider
+            than V, a padded output layer; the extra columns are dropped). No name may be "teacher".
+        samples: `kdengine.corpus.Sample`s (input_ids int32 [T], positions int32 [P]), e.g. from
+            `kdengine.corpus.load_corpus` with the teacher's tokenizer.
+        batch_size: samples per forward (right-padded, sorted by length).
+        progress: show a tqdm bar over samples.
+    Returns:
+        {"teacher": its own row (KL 0, agreement 1, its perplexity), then each student's name: its row},
+        all over the same positions.
+    Raises:
+        ValueError: no target positions, a student named "teacher", or a student with fewer token
+            embeddings (input or output) than the teacher's vocabulary.
+    """
+    if TEACHER in students:
+        raise ValueError(f"a student may not be named {TEACHER!r}: that row is the teacher's own")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    total_positions = sum(len(s.positions) for s in samples)
+    if total_positions == 0:
+        raise ValueError("the held-out samples have no target positions to score")
+    for name, model in students.items():
+        widths = (model.get_input_embeddings().num_embeddings, model.get_output_embeddings().weight.shape[0])
+        if min(widths) < teacher.vocab_size:
+            raise ValueError(f"student {name!r} has {min(widths)} token embeddings but the teacher's vocabulary has "
+                             f"{teacher.vocab_size}; a student must share the teacher's tokenizer "
+                             "(see `kdengine make-student`)")
+    names = [TEACHER, *students]
+    sums = {name: np.zeros(3) for name in names}  # KL, agreements, NLL, each summed over positions
+    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
+    with tqdm(total=len(samples), unit="sample", desc="held-out KL", disable=not progress) as bar:
+        for first in range(0, len(order), batch_size):
+            batch = [samples[i] for i in order[first:first + batch_size]]
+            ids, lengths, rows, cols = _right_padded(batch)
+            labels = ids[rows, cols + 1]
+            t_logp = teacher.logits(ids, lengths)[rows.to(teacher.device), cols.to(teacher.device)]
+            t_logp = t_logp.float().log_softmax(-1).cpu()
+            sums[TEACHER] += _position_sums(t_logp, t_logp, labels)
+            mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+            for name, model in students.items():
+                s_logits = _student_logits(model, ids, mask, rows, cols, t_logp.shape[-1])
+                sums[name] += _position_sums(t_logp, s_logits.float().log_softmax(-1), labels)
+            bar.update(len(batch))
+    return {name: DistillMetrics(kl_to_teacher=0.0 if name == TEACHER else float(s[0] / total_positions),
+                                 top1_agreement=1.0 if name == TEACHER else float(s[1] / total_positions),
+                                 perplexity=math.exp(s[2] / total_positions), positions=total_positions)
+            for name, s in sums.items()}
+
+
+def _right_padded(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids int64 [B, T] right-padded with 0, lengths [B], and the (row, column) of every target
+    position, each int64 [P])."""
+    lengths = torch.tensor([len(s.input_ids) for s in batch], dtype=torch.long)
+    ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
+    for row, s in enumerate(batch):
+        ids[row, :len(s.input_ids)] = torch.from_numpy(s.input_ids.astype(np.int64))
+    rows = torch.cat([torch.full((len(s.positions),), r, dtype=torch.long) for r, s in enumerate(batch)])
+    cols = torch.cat([torch.from_numpy(s.positions.astype(np.int64)) for s in batch])
+    return ids, lengths, rows, cols
+
+
+def _student_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                    vocab: int) -> torch.Tensor:
+    """The student's logits at the target positions, [P, V] on the CPU."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+    return logits[rows.to(device), cols.to(device), :vocab].cpu()
+
+
+def _position_sums(t_logp: torch.Tensor, s_logp: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """[KL(p_t || p_s) summed over rows, rows where the argmaxes agree, NLL of `labels` under p_s summed]
+    for log-probs [P, V] and labels int64 [P]."""
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    agree = (s_logp.argmax(-1) == t_logp.argmax(-1)).sum()
+    nll = -s_logp.gather(1, labels[:, None]).sum()
+    return np.array([kl.double().sum().item(), float(agree), nll.double().item()])
