@@ -20,4 +20,5 @@ def test_splits_are_disjoint_seeded_and_cover_every_template():
     assert not {p.question for p in train} & {p.question for p in test}
     assert [p.question for p in split_problems(120, 36, seed=7)[1]] == [p.question for p in test]
     assert [p.question for p in split_problems(120, 36, seed=8)[1]] != [p.question for p in test]
+    assert [p.question for p in split_problems(480, 36, seed=7)[1]] == [p.question for p in test]
     assert len(test) == 36 >= len(TEMPLATES)

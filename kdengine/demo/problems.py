@@ -185,6 +185,10 @@ def generate_problems(n: int, seed: int) -> list[Problem]:
 
 
 def split_problems(n_train: int, n_test: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Disjoint train and held-out splits: no held-out question appears in the training split."""
-    problems = generate_problems(n_train + n_test, seed)
-    return problems[:n_train], problems[n_train:]
+    """Disjoint train and held-out splits: no held-out question appears in the training split.
+
+    The held-out problems come first in the seeded stream, so they depend only on `n_test` and `seed`:
+    runs that train on more or fewer problems are scored on the same questions.
+    """
+    problems = generate_problems(n_test + n_train, seed)
+    return problems[n_test:], problems[:n_test]
