@@ -39,9 +39,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
+import torch
 from jinja2 import TemplateError
 from tqdm import tqdm
 
@@ -229,6 +230,36 @@ def load_corpus(path: str | Path, tokenizer, *, chat: bool = False, max_length: 
     checked = check_corpus(path, skip_bad_lines=skip_bad_lines)
     return tokenize_corpus(checked, tokenizer, chat=chat, max_length=max_length,
                            skip_bad_lines=skip_bad_lines, progress=progress)
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """Samples as one right-padded teacher input.
+
+    input_ids: int64 [B, T], padded with 0; lengths: int64 [B];
+    rows, cols: int64 [P], the (row, column) of every target position, sample by sample.
+    """
+
+    samples: list[Sample]
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
+def padded_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[PaddedBatch]:
+    """`samples` sorted by length (longest first, ties in order) and cut into right-padded batches of
+    `batch_size`, so each batch pads little."""
+    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
+    for start in range(0, len(order), batch_size):
+        batch = [samples[i] for i in order[start:start + batch_size]]
+        lengths = torch.tensor([len(s.input_ids) for s in batch], dtype=torch.long)
+        ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
+        for row, s in enumerate(batch):
+            ids[row, :len(s.input_ids)] = torch.from_numpy(s.input_ids.astype(np.int64))
+        rows = torch.cat([torch.full((len(s.positions),), r, dtype=torch.long) for r, s in enumerate(batch)])
+        cols = torch.cat([torch.from_numpy(s.positions.astype(np.int64)) for s in batch])
+        yield PaddedBatch(batch, ids, lengths, rows, cols)
 
 
 def encode_prompt(tokenizer, prompt: str, *, chat: bool) -> list[int]:

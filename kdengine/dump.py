@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdengine.corpus import Sample, check_corpus, tokenize_corpus
+from kdengine.corpus import Sample, check_corpus, padded_batches, tokenize_corpus
 from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter, codec_names
 from kdengine.store.codec import DEFAULT_CODEC, codec_unavailable, default_params
 from kdengine.store.writer import check_dump_settings
@@ -177,21 +177,13 @@ def teacher_topk(teacher, samples: Sequence[Sample], k: int, batch_size: int
     Yields:
         (sample, idx int32 [P, K], logp float32 [P, K]) per sample, in batch order.
     """
-    order = sorted(range(len(samples)), key=lambda i: (-len(samples[i].input_ids), i))
-    for start in range(0, len(order), batch_size):
-        batch = [samples[i] for i in order[start:start + batch_size]]
-        lengths = torch.tensor([len(s.input_ids) for s in batch], dtype=torch.long)
-        ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
-        for row, s in enumerate(batch):
-            ids[row, :len(s.input_ids)] = torch.from_numpy(s.input_ids.astype(np.int64))
-        rows = torch.cat([torch.full((len(s.positions),), r, dtype=torch.long) for r, s in enumerate(batch)])
-        cols = torch.cat([torch.from_numpy(s.positions.astype(np.int64)) for s in batch])
+    for b in padded_batches(samples, batch_size):
         with torch.inference_mode():
-            logits = teacher.logits(ids, lengths)
-            top = topk_logprobs(logits[rows.to(logits.device), cols.to(logits.device)], k)
+            logits = teacher.logits(b.input_ids, b.lengths)
+            top = topk_logprobs(logits[b.rows.to(logits.device), b.cols.to(logits.device)], k)
             idx, logp = top.idx.cpu().numpy(), top.logp.cpu().numpy()
         at = 0
-        for s in batch:
+        for s in b.samples:
             n = len(s.positions)
             yield s, idx[at:at + n], logp[at:at + n]
             at += n

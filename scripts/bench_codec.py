@@ -315,7 +315,7 @@ def main():
 def render(rows, n_pos, n_frames) -> str:
     head = ("| variant | B/pos | KL mean | KL max | KL top-k mean | max abs dlogp | max abs dlogp (p>=1e-3) "
             "| max abs dtail | max sum p | encode pos/s | decode pos/s |\n|" + "---|" * 11)
-    lines = [f"# Top-k codec: bytes/position vs fidelity vs speed\n",
+    lines = ["# Top-k codec: bytes/position vs fidelity vs speed\n",
              f"SmolLM2-135M-Instruct top-{K} on GSM8K test text: {n_pos} positions in {n_frames} per-sample "
              f"frames (one frame per sample, as stored). KL in nats per position over the K+1 buckets "
              f"(top-k + tail). Speeds: positions/s through the Python API, one thread, its CPU time, best of 3. "

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kdengine.corpus import padded_batches
+
 TEACHER = "teacher"  # the key of the teacher's own row in distill_metrics' result
 
 
@@ -76,11 +78,9 @@ def distill_metrics(teacher, students: Mapping[str, torch.nn.Module], samples: S
                              "(see `kdengine make-student`)")
     names = [TEACHER, *students]
     sums = {name: np.zeros(3) for name in names}  # KL, agreements, NLL, each summed over positions
-    order = sorted(range(len(samples)), key=lambda i: -len(samples[i].input_ids))
     with tqdm(total=len(samples), unit="sample", desc="held-out KL", disable=not progress) as bar:
-        for first in range(0, len(order), batch_size):
-            batch = [samples[i] for i in order[first:first + batch_size]]
-            ids, lengths, rows, cols = _right_padded(batch)
+        for b in padded_batches(samples, batch_size):
+            ids, lengths, rows, cols = b.input_ids, b.lengths, b.rows, b.cols
             labels = ids[rows, cols + 1]
             t_logp = teacher.logits(ids, lengths)[rows.to(teacher.device), cols.to(teacher.device)]
             t_logp = t_logp.float().log_softmax(-1).cpu()
@@ -89,23 +89,12 @@ def distill_metrics(teacher, students: Mapping[str, torch.nn.Module], samples: S
             for name, model in students.items():
                 s_logits = _student_logits(model, ids, mask, rows, cols, t_logp.shape[-1])
                 sums[name] += _position_sums(t_logp, s_logits.float().log_softmax(-1), labels)
-            bar.update(len(batch))
+            bar.update(len(b.samples))
     return {name: DistillMetrics(kl_to_teacher=0.0 if name == TEACHER else float(s[0] / total_positions),
                                  top1_agreement=1.0 if name == TEACHER else float(s[1] / total_positions),
                                  perplexity=math.exp(s[2] / total_positions), positions=total_positions)
             for name, s in sums.items()}
 
-
-def _right_padded(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids int64 [B, T] right-padded with 0, lengths [B], and the (row, column) of every target
-    position, each int64 [P])."""
-    lengths = torch.tensor([len(s.input_ids) for s in batch], dtype=torch.long)
-    ids = torch.zeros(len(batch), int(lengths.max()), dtype=torch.long)
-    for row, s in enumerate(batch):
-        ids[row, :len(s.input_ids)] = torch.from_numpy(s.input_ids.astype(np.int64))
-    rows = torch.cat([torch.full((len(s.positions),), r, dtype=torch.long) for r, s in enumerate(batch)])
-    cols = torch.cat([torch.from_numpy(s.positions.astype(np.int64)) for s in batch])
-    return ids, lengths, rows, cols
 
 
 def _student_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
