@@ -54,7 +54,7 @@ class DemoSizes:
 
 
 PRESETS = {
-    "default": DemoSizes(train_problems=480, heldout_problems=48, layers=15, steps=80, batch_tokens=2048, lr=5e-4,
+    "default": DemoSizes(train_problems=480, heldout_problems=48, layers=15, steps=64, batch_tokens=2048, lr=5e-4,
                          dump_batch_size=16, eval_batch_size=48, max_new_tokens=128),
     "quick": DemoSizes(train_problems=96, heldout_problems=16, layers=15, steps=16, batch_tokens=1024, lr=5e-4,
                        dump_batch_size=16, eval_batch_size=16, max_new_tokens=96),
