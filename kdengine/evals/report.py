@@ -15,11 +15,11 @@ A log directory holds three files:
 from __future__ import annotations
 
 import json
-import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Sequence
 
+from kdengine.durable import write_atomic
 from kdengine.evals.data import Problem
 from kdengine.evals.gsm8k import RULES, EvalError, Number, extract_answer, is_correct
 from kdengine.evals.lm_eval_filters import FILTERS, apply_filter, harness_correct
@@ -88,10 +88,11 @@ def write_report(log_dir: Path, report: dict, problems: Sequence[Problem]) -> No
     json_report = {**report, "items": [{**item, "prediction": _json_number(item["prediction"]),
                                         "reference": _json_number(item["reference"])}
                                        for item in report["items"]]}
-    _write_atomic(log_dir / "report.json", json.dumps(json_report, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(log_dir / "manual_review.jsonl",
-                  "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in review))
-    _write_atomic(log_dir / "report.md", render_markdown(report))
+    texts = {"report.json": json.dumps(json_report, indent=2, ensure_ascii=False) + "\n",
+             "manual_review.jsonl": "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in review),
+             "report.md": render_markdown(report)}
+    for name, text in texts.items():
+        write_atomic(log_dir / name, text.encode("utf-8"))
 
 
 def render_markdown(report: dict) -> str:
@@ -157,9 +158,3 @@ def _json_number(value: Number) -> Number | str:
 
 def _text(value: Number) -> str:
     return str(_json_number(value))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

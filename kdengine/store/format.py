@@ -1,11 +1,11 @@
-"""Format v1 of the top-k store: names, the manifest schema, and atomic file writes (see FORMAT.md).
+"""Format v1 of the top-k store: names, the manifest schema, checksums (see FORMAT.md).
 
-Everything that the writer, the reader and `verify` must agree on lives here.
+Everything that the writer, the reader and `verify` must agree on lives here (the crash-safe writes
+themselves are in kdengine/durable.py).
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 import zlib
 from pathlib import Path
@@ -48,27 +48,6 @@ def shard_name(chunk: int) -> str:
 
 def part_name(rank: int) -> str:
     return f"{PARTS_DIR}/rank-{rank:05d}.json"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Writes `path` via a temporary name in the same directory, fsync, rename, fsync of the directory:
-    a reader sees the old file or the whole new one, never a torn one, even after a crash."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def dump_json(obj) -> bytes:

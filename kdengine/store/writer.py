@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from kdengine.durable import fsync_path, write_atomic
 from kdengine.store.codec import learn_shard_table, make_codec, shard_table_name
 from kdengine.store.format import (
     FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, PARTS_DIR, StoreError, check_shard_entry, dump_json,
-    fsync_dir, part_name, sample_crc32, shard_name, write_atomic,
+    part_name, sample_crc32, shard_name,
 )
 
 
@@ -194,7 +195,7 @@ class StoreWriter:
         digest = _sha256_and_fsync(tmp)
         final = self.directory / name
         os.replace(tmp, final)
-        fsync_dir(self.directory)
+        fsync_path(self.directory)
         entry = {"file": name, "chunk": chunk, "rank": self.rank, **counts,
                  "bytes": final.stat().st_size, "sha256": digest}
         self._part["shards"] = [s for s in self._part["shards"] if s["chunk"] != chunk] + [entry]

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from kdengine.durable import fsync_path
 from kdengine.train.errors import TrainError
 
 _STEP_DIR = re.compile(r"step-(\d{8})")
@@ -85,13 +86,13 @@ def save_checkpoint(
     torch.save({"scheduler": scheduler_state, "rng": rng_states}, tmp / "trainer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2, sort_keys=True) + "\n")
     for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
+        fsync_path(path)
+    fsync_path(tmp)
     final = root / name
     if final.exists():  # re-saving a step (a resumed run that stops where it started)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     if keep > 0:
         for old in _complete_checkpoints(root)[:-keep]:
             shutil.rmtree(old)
@@ -160,11 +161,3 @@ def _complete_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
