@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kdengine.durable import write_atomic
+
 LABELS = {"teacher": "teacher", "student_before": "student before", "student_after": "student after"}
 COLORS = {"teacher": "#4c72b0", "student_before": "#c44e52", "student_after": "#55a868"}
 
@@ -16,8 +18,8 @@ def write_summary(out: Path, summary: dict, train_metrics: list[dict]) -> None:
         summary: `run_demo`'s summary ({"models", "stages", "run"}).
         train_metrics: the training run's metrics.jsonl records (step, loss, ...), for the loss curve.
     """
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "summary.md").write_text(summary_markdown(summary))
+    write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+    write_atomic(out / "summary.md", summary_markdown(summary).encode("utf-8"))
     _plot(out / "summary.png", summary, train_metrics)
 
 
