@@ -59,7 +59,7 @@ def _default_max_jobs():
 def _extension():
     with_cuda, reason = _cuda_choice()
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
-    sources = ["csrc/bindings.cpp", "csrc/sparse_kl_cpu.cpp", "csrc/topk_codec.cpp"]
+    sources = ["csrc/bindings.cpp", "csrc/sparse_kl_cpu.cpp", "csrc/sampled_kl_cpu.cpp", "csrc/topk_codec.cpp"]
     cxx = ["-O3", "-fopenmp"]
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "<unset: torch's default for the visible GPUs>")
     print(
@@ -71,7 +71,7 @@ def _extension():
         return CppExtension("kdengine._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     return CUDAExtension(
         "kdengine._C",
-        sources + ["csrc/sparse_kl_cuda.cu"],
+        sources + ["csrc/sparse_kl_cuda.cu", "csrc/sampled_kl_cuda.cu"],
         define_macros=[("KDENGINE_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", "-DKDENGINE_WITH_CUDA"]},
         extra_link_args=["-fopenmp"],

@@ -14,6 +14,7 @@
 
 #include "sparse_kl.h"
 #include "sparse_kl_math.h"
+#include "sampled_kl.h"
 #include "topk_codec.h"
 
 #if defined(KDENGINE_WITH_CUDA)
@@ -182,6 +183,62 @@ bool has_cuda() {
 #endif
 }
 
+// ---- sampled-target (RS-KD) KL forward; its backward is `backward` above ----------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_forward(
+    const at::Tensor& logits, const at::Tensor& sample_idx, const at::Tensor& sample_count,
+    const at::Tensor& target_logp, const std::optional<at::Tensor>& proposal_logp,
+    const std::optional<at::Tensor>& labels, double alpha, double temperature, int64_t ignore_index) {
+  check_logits(logits);
+  CHECK_ARG(sample_idx.dim() == 2, "sample_idx", "2-D [N, K]", sample_idx.sizes());
+  const int64_t k = sample_idx.size(1);
+  check_rows(sample_idx, "sample_idx", logits, at::kInt, k);
+  check_rows(sample_count, "sample_count", logits, acc_type(logits), k);
+  check_rows(target_logp, "target_logp", logits, acc_type(logits), k);
+  if (proposal_logp.has_value()) check_rows(*proposal_logp, "proposal_logp", logits, acc_type(logits), k);
+  const bool with_ce = alpha < 1.0;
+  CHECK_ARG(labels.has_value() || !with_ce, "labels", "given when alpha < 1", "None");
+  if (labels.has_value()) check_rows(*labels, "labels", logits, at::kLong, -1);
+  CHECK_ARG(temperature > 0.0, "temperature", "> 0", temperature);
+  CHECK_ARG(alpha >= 0.0 && alpha <= 1.0, "alpha", "in [0, 1]", alpha);
+
+  const int64_t n = logits.size(0);
+  auto opts = logits.options().dtype(acc_type(logits));
+  at::Tensor loss_rows = at::empty({n}, opts);
+  at::Tensor row_stats = at::empty({n, kRowStats}, opts);
+  at::Tensor sample_grad = at::empty({n, k}, opts);
+  if (n == 0) return {loss_rows, row_stats, sample_grad};
+
+  SampledForwardParams p{};
+  p.logits = logits.data_ptr();
+  p.logits_row_stride = logits.stride(0);
+  p.sample_idx = sample_idx.data_ptr<int32_t>();
+  p.sample_count = sample_count.data_ptr();
+  p.target_logp = target_logp.data_ptr();
+  p.proposal_logp = proposal_logp.has_value() ? proposal_logp->data_ptr() : nullptr;
+  p.labels = labels.has_value() ? labels->data_ptr<int64_t>() : nullptr;
+  p.n_rows = n;
+  p.vocab = logits.size(1);
+  p.k = k;
+  p.temperature = effective_temperature(alpha, temperature);
+  p.alpha = alpha;
+  p.ignore_index = ignore_index;
+  p.with_ce = with_ce;
+  p.loss_rows = loss_rows.data_ptr();
+  p.row_stats = row_stats.data_ptr();
+  p.sample_grad = sample_grad.data_ptr();
+  if (logits.is_cpu()) {
+    sampled_kl_forward_cpu(p, dtype_of(logits));
+  } else {
+#if defined(KDENGINE_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(logits.device());
+    const cudaError_t err =
+        sampled_kl_forward_cuda(p, dtype_of(logits), c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == cudaSuccess, "sampled_kl: CUDA forward launch failed: ", cudaGetErrorString(err));
+#endif
+  }
+  return {loss_rows, row_stats, sample_grad};
+}
+
 // ---- the store's top-k coder (numpy in, numpy/bytes out) ----------------------------------------
 namespace py = pybind11;
 using Int32Array = py::array_t<int32_t, py::array::c_style>;  // no forcecast: int32 exactly
@@ -255,6 +312,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdengine sparse KL kernels (CPU, and CUDA when built with it) and the store's top-k coder";
   m.def("forward", &kdengine::forward, "sparse KL forward -> (loss_rows, row_stats, topk_grad)");
   m.def("backward", &kdengine::backward, "sparse KL backward -> grad_logits");
+  m.def("sampled_forward", &kdengine::sampled_forward,
+        "sampled-target KL forward -> (loss_rows, row_stats, sample_grad); its backward is `backward`");
   m.def("has_cuda", &kdengine::has_cuda, "whether this build has the CUDA kernels");
 
   py::register_exception<kdengine::TopKCodecError>(m, "TopKCodecError", PyExc_ValueError);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile-checks the CUDA code without a GPU, so CI catches CUDA errors on CPU machines:
-#  1. csrc/sparse_kl_cuda.cu with plain nvcc and the flags torch's CUDAExtension adds
+#  1. every csrc/*.cu with plain nvcc and the flags torch's CUDAExtension adds
 #     (-D__CUDA_NO_HALF_CONVERSIONS__ etc.), for each arch; any error or warning fails, and the
 #     registers and spills of every kernel are printed;
 #  2. the CUDA branch of csrc/bindings.cpp (-DKDENGINE_WITH_CUDA) against torch's headers, when a
@@ -21,13 +21,16 @@ gencode=()
 for a in $archs; do gencode+=(-gencode "arch=compute_$a,code=sm_$a"); done
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-if ! "$nvcc" -c csrc/sparse_kl_cuda.cu -o "$work/sparse_kl_cuda.o" -std=c++17 -O3 -Werror all-warnings \
-    "${torch_nvcc_flags[@]}" --resource-usage "${gencode[@]}" >"$work/log" 2>&1; then
-  cat "$work/log" >&2
-  echo "check_cuda_compile: nvcc failed on csrc/sparse_kl_cuda.cu ($("$nvcc" --version | tail -1))" >&2
-  exit 1
-fi
-echo "csrc/sparse_kl_cuda.cu compiles cleanly for sm_{${archs// /,}} ($("$nvcc" --version | grep -o 'release [0-9.]*'))"
+: >"$work/log"
+for cu in csrc/*.cu; do
+  if ! "$nvcc" -c "$cu" -o "$work/$(basename "$cu").o" -std=c++17 -O3 -Werror all-warnings \
+      "${torch_nvcc_flags[@]}" --resource-usage "${gencode[@]}" >>"$work/log" 2>&1; then
+    cat "$work/log" >&2
+    echo "check_cuda_compile: nvcc failed on $cu ($("$nvcc" --version | tail -1))" >&2
+    exit 1
+  fi
+  echo "$cu compiles cleanly for sm_{${archs// /,}} ($("$nvcc" --version | grep -o 'release [0-9.]*'))"
+done
 # ptxas reports, per kernel and arch, "Compiling entry function '<mangled>' for 'sm_XX'" followed by
 # the spill and register lines.
 demangle() { if command -v c++filt >/dev/null; then c++filt; else cat; fi; }

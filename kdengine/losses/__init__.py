@@ -1,6 +1,8 @@
 """Distillation losses: `sparse_kl` (function) and `SparseKLLoss` (module) over the compiled kernels,
-with the pure-torch reference in `kdengine.losses.reference`."""
+with the pure-torch reference in `kdengine.losses.reference`; `sampled_kl` for sampled teacher targets (RS-KD),
+its reference and proof in `kdengine.losses.sampled_reference`."""
 from .module import SparseKLLoss
+from .sampled_kl import SampledKLError, sampled_kl
 from .sparse_kl import SparseKLError, sparse_kl
 
-__all__ = ["sparse_kl", "SparseKLLoss", "SparseKLError"]
+__all__ = ["sparse_kl", "SparseKLLoss", "SparseKLError", "sampled_kl", "SampledKLError"]

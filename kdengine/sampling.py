@@ -1,0 +1,89 @@
+"""Sampled teacher targets (RS-KD): per position, M draws from the teacher's tempered distribution,
+kept as the distinct ids with their counts and log-probabilities.
+
+Each corpus sample gets its own generator, seeded from (seed, sample index) only, so a rerun, a
+resume and any split over ranks draw the same ids for the same sample. The draws run on the
+teacher's device, on its logits, before anything crosses to the CPU.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SampledTargets:
+    """Dims: P positions, K = the most distinct ids of any position (slots past a row's count are padding).
+
+    ids: int32 [P, K], distinct ids per row in ascending order, 0 at padding slots.
+    counts: int32 [P, K], draws of each id (sum M per row), 0 at padding slots.
+    logp: float32 [P, K], the teacher's log-probability of each id at T = 1 (0 at padding).
+    log_norm: float32 [P], ln sum_v p_v^(1/tau): the proposal is r_v = p_v^(1/tau) / exp(log_norm),
+        so log r = logp / tau - log_norm (0 when tau = 1).
+    """
+
+    ids: torch.Tensor
+    counts: torch.Tensor
+    logp: torch.Tensor
+    log_norm: torch.Tensor
+
+
+def sample_seed(seed: int, sample_index: int) -> int:
+    """The generator seed of one corpus sample: a hash of (seed, index), so neighbours are unrelated."""
+    digest = hashlib.sha256(f"kdengine-rskd:{int(seed)}:{int(sample_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def draw_targets(logits: torch.Tensor, n_samples: int, *, proposal_temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> SampledTargets:
+    """M = `n_samples` draws per row of `logits` [P, V] (the teacher's, at T = 1) from
+    softmax(log_softmax(logits) / tau), deduplicated. Returns CPU tensors."""
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if not proposal_temperature > 0:
+        raise ValueError(f"proposal_temperature must be > 0, got {proposal_temperature}")
+    logp_all = torch.log_softmax(logits.float(), dim=-1)
+    log_r_all = logp_all if proposal_temperature == 1 else torch.log_softmax(logp_all / proposal_temperature, -1)
+    if logits.shape[0] == 0:
+        empty = torch.zeros(0, 1, dtype=torch.int32)
+        return SampledTargets(empty, empty.clone(), torch.zeros(0, 1), torch.zeros(0))
+    draws = torch.multinomial(log_r_all.exp(), n_samples, replacement=True, generator=generator)
+    ids, counts = dedupe_draws(draws)
+    logp = torch.where(counts > 0, logp_all.gather(1, ids), 0.0)
+    if proposal_temperature == 1:
+        log_norm = torch.zeros(logits.shape[0], device=logits.device)
+    else:
+        log_norm = torch.logsumexp(logp_all / proposal_temperature, dim=-1)
+    return SampledTargets(ids.to(torch.int32).cpu(), counts.to(torch.int32).cpu(), logp.cpu(), log_norm.float().cpu())
+
+
+def dedupe_draws(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """draws int [P, M] -> (ids, counts) int64 [P, K]: each row's distinct ids ascending with their
+    counts, K the most distinct ids of any row, padding slots 0 / 0."""
+    s = draws.sort(dim=1).values
+    new = torch.ones_like(s, dtype=torch.bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    group = new.long().cumsum(dim=1) - 1
+    k = int(group[:, -1].max()) + 1
+    counts = torch.zeros(s.shape[0], k, dtype=torch.long, device=s.device).scatter_add_(1, group, torch.ones_like(s))
+    ids = torch.zeros(s.shape[0], k, dtype=torch.long, device=s.device).scatter_(1, group, s)
+    return ids, counts
+
+
+def loss_targets(targets: SampledTargets, proposal_temperature: float, temperature: float):
+    """(target_logp, proposal_logp | None) for `sampled_kl` at loss temperature T from stored targets.
+
+    The store knows the full-vocabulary normaliser at T = 1 (log p) and at T = tau (log r), so these
+    are the temperatures it serves unbiasedly (see kdengine/losses/sampled_reference.py)."""
+    logp, tau = targets.logp, proposal_temperature
+    log_r = logp if tau == 1 else logp / tau - targets.log_norm[:, None]
+    if temperature == tau:
+        return log_r, None
+    if temperature == 1:
+        return logp, log_r
+    raise ValueError(
+        f"sampled targets drawn at proposal temperature {tau} give an unbiased loss at temperature 1 or {tau} "
+        f"only (the full-vocabulary normaliser is known there), got temperature {temperature}; train at one of "
+        f"those, or dump again with --proposal-temperature {temperature}")
