@@ -146,7 +146,8 @@ def make_student_command(teacher, layers, layer_map, out):
 @click.option("--teacher", required=True, help="Teacher model: a local from_pretrained directory or a .gguf file "
               "(hf backend), or an EXL2 directory (exl2 backend).")
 @click.option("--data", required=True, type=click.Path(dir_okay=False),
-              help="JSONL corpus, one sample a line: text, prompt/response, question/answer or messages.")
+              help="JSONL corpus, one sample a line: text, prompt/response, question/answer or messages "
+                   "(UTF-8, at most 1 MiB a line, JSON nested at most 64 deep).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Store directory. Re-running the same command on it resumes after the last complete shard.")
 @click.option("--top-k", "top_k", required=True, type=int, help="Entries kept per position (K), e.g. 64.")

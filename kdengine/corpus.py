@@ -2,7 +2,8 @@
 positions whose next-token distribution the store keeps.
 
 Line formats (an optional "id", a string or an integer, names the sample; it defaults to the line
-number; other keys are ignored; blank lines are skipped):
+number; other keys are ignored; blank lines are skipped; lines are read by kdengine.jsonl: UTF-8, at
+most MAX_LINE_BYTES (1 MiB) each, JSON nested at most 64 deep, no lone surrogates):
 
     {"text": "..."}                              targets on every position
     {"prompt": "...", "response": "..."}         targets on the response
@@ -46,6 +47,7 @@ import torch
 from jinja2 import TemplateError
 from tqdm import tqdm
 
+from kdengine.jsonl import JsonlError, read_jsonl
 from kdengine.teachers.encoding import encode_chat, encode_text, special_prefix
 
 GSM8K_PROMPT = "Question: {question}\nAnswer:"  # plain-format GSM8K prompt; the response is " " + answer
@@ -142,13 +144,13 @@ def check_corpus(path: str | Path, *, skip_bad_lines: bool = False) -> CheckedCo
     bad: list[str] = []
     first_line_of_id: dict[str, int] = {}
     nonblank = 0
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
+    try:
+        for lineno, value in read_jsonl(path):
             nonblank += 1
             try:
-                record = _parse_line(raw, lineno)
+                if isinstance(value, JsonlError):
+                    raise _BadLine(str(value))
+                record = _record(value, lineno)
                 if record.id in first_line_of_id:
                     raise _BadLine(f'duplicate id "{record.id}" (first used on line {first_line_of_id[record.id]})')
             except _BadLine as e:
@@ -156,6 +158,8 @@ def check_corpus(path: str | Path, *, skip_bad_lines: bool = False) -> CheckedCo
                 continue
             first_line_of_id[record.id] = lineno
             records.append(record)
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read the file ({e.strerror or e})") from None
     if nonblank == 0:
         raise CorpusError(f"{path}: empty file: expected one JSON object per line")
     if bad and not skip_bad_lines:
@@ -275,15 +279,7 @@ class _BadLine(Exception):
     """What is wrong with one line (the caller adds `file:line:`)."""
 
 
-def _parse_line(raw: bytes, lineno: int) -> Record:
-    try:
-        text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-    except UnicodeDecodeError as e:
-        raise _BadLine(f"not valid UTF-8 (byte {e.start})") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _BadLine(f"not valid JSON: {e.msg} at column {e.colno}") from None
+def _record(obj, lineno: int) -> Record:
     if not isinstance(obj, dict):
         raise _BadLine(f"expected a JSON object, got {_json_type(obj)}")
     present = [fmt for fmt in _FORMATS if any(key in obj for key in fmt)]

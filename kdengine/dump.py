@@ -11,7 +11,6 @@ settings is refused before the teacher loads.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import queue
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kdengine.checksum import sha256_file
 from kdengine.corpus import Sample, check_corpus, padded_batches, tokenize_corpus
 from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter, codec_names
 from kdengine.store.codec import DEFAULT_CODEC, codec_unavailable, default_params
@@ -111,7 +111,7 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
     if unavailable:
         raise DumpError(unavailable)
     checked = check_corpus(cfg.data, skip_bad_lines=cfg.skip_bad_lines)  # fail fast, before the model loads
-    config = _config(cfg, _sha256(cfg.data), world_size)
+    config = _config(cfg, sha256_file(cfg.data), world_size)
     check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "config": config})
 
     device = cfg.device
@@ -282,10 +282,3 @@ def _config(cfg: DumpConfig, data_sha256: str, world_size: int) -> dict:
             "chat": cfg.chat, "skip_bad_lines": cfg.skip_bad_lines, "shard_samples": cfg.shard_samples,
             "world_size": world_size, "backend": cfg.backend, "dtype": cfg.dtype}
 
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -89,7 +89,7 @@ def test_report_md_quotes_responses_safely(tmp_path):
 
 BAD_INPUTS = [
     ('{"question": "q", "answer": "#### 1", "response": "1"}\n{"question": "q", "answer": "#### 1",\n',
-     r"bad\.jsonl:2: not valid JSON \(Expecting property name enclosed in double quotes at column \d+\)"),
+     r"bad\.jsonl:2: not valid JSON: Expecting property name enclosed in double quotes at column \d+"),
     ('\n\n{"question": "q", "response": "1"}\n', r"bad\.jsonl:3: missing field 'answer' \(each line needs question, answer, response\)"),
     ('{"question": "q", "answer": "#### 1"}\n', r"bad\.jsonl:1: missing field 'response'"),
     ('{"question": "q", "answer": "so 18", "response": "18"}\n', r"bad\.jsonl:1: the answer has no '####'"),
@@ -118,7 +118,7 @@ def test_not_utf8_names_the_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"question": "q", "answer": "#### 1", "response": "1"}\n{"question": "\xff"}\n')
     result = _invoke("--responses", bad, "--log-dir", tmp_path / "run")
-    assert result.exit_code == 1 and "bad.jsonl:2: not UTF-8 text (byte 15)" in result.output
+    assert result.exit_code == 1 and "bad.jsonl:2: not valid UTF-8 (byte 15 of the line)" in result.output
     assert not (tmp_path / "run").exists()
 
 

@@ -2,15 +2,15 @@
 
 Every non-blank line is a JSON object with string fields `question` and `answer` (a worked solution
 ending in "#### <number>", as in GSM8K), plus `response` for a file of model outputs. Other fields
-are ignored. The first bad line stops the read with `EvalError("FILE:LINE: what is wrong")`.
+are ignored. Lines are read by kdengine.jsonl (the corpus's reader: same limits, same messages). The first bad line stops the read with `EvalError("FILE:LINE: what is wrong")`.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdengine.evals.gsm8k import EvalError, Number, parse_reference
+from kdengine.jsonl import JsonlError, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -37,40 +37,27 @@ def read_problems(path: str | Path, *, with_response: bool = False) -> list[Prob
             non-string field, an answer without "####" and a number; or no problems at all.
     """
     fields = ("question", "answer", "response") if with_response else ("question", "answer")
-    try:
-        raw_lines = Path(path).read_bytes().splitlines()
-    except OSError as e:
-        raise EvalError(f"{path}: cannot read the file ({e.strerror})") from None
     problems = []
-    for lineno, raw in enumerate(raw_lines, start=1):
-        if not raw.strip():
-            continue
-        where = f"{path}:{lineno}"
-        record = _parse_line(raw, where)
-        for field in fields:
-            if field not in record:
-                raise EvalError(f"{where}: missing field '{field}' (each line needs {', '.join(fields)})")
-            if not isinstance(record[field], str):
-                raise EvalError(f"{where}: field '{field}' must be a string, got {type(record[field]).__name__}")
-        try:
-            reference = parse_reference(record["answer"])
-        except ValueError as e:
-            raise EvalError(f"{where}: {e}") from None
-        problems.append(Problem(record["question"], record["answer"], reference, record.get("response")))
+    try:
+        for lineno, record in read_jsonl(path):
+            where = f"{path}:{lineno}"
+            if isinstance(record, JsonlError):
+                raise EvalError(f"{where}: {record}")
+            if not isinstance(record, dict):
+                raise EvalError(f"{where}: expected a JSON object, got a JSON {type(record).__name__}")
+            for field in fields:
+                if field not in record:
+                    raise EvalError(f"{where}: missing field '{field}' (each line needs {', '.join(fields)})")
+                if not isinstance(record[field], str):
+                    raise EvalError(f"{where}: field '{field}' must be a string, got {type(record[field]).__name__}")
+            try:
+                reference = parse_reference(record["answer"])
+            except ValueError as e:
+                raise EvalError(f"{where}: {e}") from None
+            problems.append(Problem(record["question"], record["answer"], reference, record.get("response")))
+    except OSError as e:
+        raise EvalError(f"{path}: cannot read the file ({e.strerror or e})") from None
     if not problems:
         raise EvalError(f"{path}: no problems in the file (expected one JSON object per line)")
     return problems
 
-
-def _parse_line(raw: bytes, where: str) -> dict:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise EvalError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise EvalError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(record, dict):
-        raise EvalError(f"{where}: expected a JSON object, got a JSON {type(record).__name__}")
-    return record

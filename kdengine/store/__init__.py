@@ -5,12 +5,12 @@
     sample = store[0]                # input_ids, positions, topk_idx, topk_logp, id, index
 """
 from kdengine.store.codec import codec_names, make_codec
-from kdengine.store.format import FORMAT_VERSION, StoreError
+from kdengine.store.format import FORMAT_VERSION, StoreError, store_identity
 from kdengine.store.reader import TopKStore, open_store
 from kdengine.store.verify import VerifyReport, verify_store
 from kdengine.store.writer import ShardBuilder, StoreHeader, StoreWriter
 
 __all__ = [
     "FORMAT_VERSION", "ShardBuilder", "StoreError", "StoreHeader", "StoreWriter", "TopKStore", "VerifyReport",
-    "codec_names", "make_codec", "open_store", "verify_store",
+    "codec_names", "make_codec", "open_store", "store_identity", "verify_store",
 ]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kdengine.checksum import sha256_bytes
+
 FORMAT_NAME = "kdengine-topk"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -59,6 +61,17 @@ def sample_crc32(input_ids, positions, frame) -> int:
     crc = zlib.crc32(np.ascontiguousarray(input_ids, dtype="<i4"))
     crc = zlib.crc32(np.ascontiguousarray(positions, dtype="<i4"), crc)
     return zlib.crc32(frame, crc)
+
+
+def store_identity(manifest: dict) -> str:
+    """The store's identity: sha256 (hex) over its shards' (chunk, sha256) pairs in chunk order.
+
+    Two stores with the same identity hold byte-identical shards, so the same samples in the same
+    order with the same targets; any rewritten, added or dropped shard changes it. A resumed training
+    run compares it to refuse a store that is not the one it started on.
+    """
+    pairs = sorted((int(s["chunk"]), str(s["sha256"])) for s in manifest["shards"])
+    return sha256_bytes("\n".join(f"{chunk}:{digest}" for chunk, digest in pairs).encode("ascii"))
 
 
 def load_manifest(directory: str | Path) -> dict:

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from kdengine.store.codec import CodecError, make_codec, shard_table_name
 from kdengine.store.format import (
     FORMAT_NAME, FORMAT_VERSION, OPTIONAL_TENSORS, SHARD_METADATA_KEYS, SHARD_TENSORS, StoreError, load_manifest,
-    sample_crc32,
+    sample_crc32, store_identity,
 )
 
 
@@ -47,7 +47,7 @@ class TopKStore(torch.utils.data.Dataset):
         id: str, the corpus line's id; index: int, the sample's index in the corpus.
 
     Attributes: path, manifest, k, vocab_size, teacher, tokenizer_fingerprint, codec (name),
-    codec_params, num_tokens, num_positions, complete.
+    codec_params, num_tokens, num_positions, complete, identity (`store_identity` of the manifest).
     """
 
     MAX_OPEN_SHARDS = 64
@@ -60,6 +60,7 @@ class TopKStore(torch.utils.data.Dataset):
         self.teacher, self.tokenizer_fingerprint = m["teacher"], m["tokenizer_fingerprint"]
         self.codec, self.codec_params = m["codec"].get("name"), m["codec"].get("params", {})
         self.complete = bool(m.get("complete"))
+        self.identity = store_identity(m)
         self._shards = m["shards"]
         self._starts = np.cumsum([0] + [s["samples"] for s in self._shards]).tolist()
         self.num_tokens = sum(s["tokens"] for s in self._shards)

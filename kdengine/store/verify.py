@@ -1,12 +1,12 @@
 """`verify_store`: checks every shard's sha256 against the manifest and decodes every frame."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
+from kdengine.checksum import sha256_file
 from kdengine.store.format import MANIFEST, SHARD_RE, StoreError
 from kdengine.store.reader import TopKStore
 
@@ -73,7 +73,7 @@ def _check_shard(store, which, entry, directory, bar) -> str | None:
     size = path.stat().st_size
     if size != entry["bytes"]:
         return f"{size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != entry["sha256"]:
         return f"sha256 {digest[:16]}..., the manifest says {entry['sha256'][:16]}... (corrupt bytes)"
     try:
@@ -98,14 +98,6 @@ def _check_shard(store, which, entry, directory, bar) -> str | None:
     if positions != entry["positions"]:
         return f"holds {positions} target positions, the manifest says {entry['positions']}"
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _ranges(values: list[int]) -> str:

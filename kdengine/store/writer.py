@@ -9,7 +9,6 @@ manifest").
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from kdengine.checksum import sha256_file
 from kdengine.durable import fsync_path, write_atomic
 from kdengine.store.codec import learn_shard_table, make_codec, shard_table_name
 from kdengine.store.format import (
@@ -192,7 +192,8 @@ class StoreWriter:
         }
         tmp = self.directory / f".{name}.tmp-r{self.rank:05d}"
         save_file(tensors, str(tmp), metadata=metadata)
-        digest = _sha256_and_fsync(tmp)
+        digest = sha256_file(tmp)
+        fsync_path(tmp)
         final = self.directory / name
         os.replace(tmp, final)
         fsync_path(self.directory)
@@ -325,12 +326,3 @@ def _check_same_dump(old: dict, new: dict, where: Path, *, only_given: bool = Fa
                 f"{where.parent.parent} was dumped with {key}={flat_old.get(key)!r}, this run has "
                 f"{key}={flat_new.get(key)!r} ({where} records the first). To continue that dump, re-run it "
                 f"with the same settings; to start a new one, use another --out directory.")
-
-
-def _sha256_and_fsync(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb+") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-        os.fsync(f.fileno())
-    return digest.hexdigest()

@@ -5,8 +5,9 @@ tokenizer matches the store's fingerprint can index the teacher's top-k ids dire
 token is left out on purpose: it is a batching choice (often set to EOS at load time), not part of
 the mapping.
 """
-import hashlib
 import json
+
+from kdengine.checksum import sha256_bytes
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -22,4 +23,4 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "unk": tokenizer.unk_token_id,
     }
     blob = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    return hashlib.sha256(blob).hexdigest()
+    return sha256_bytes(blob)
