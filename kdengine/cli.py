@@ -150,7 +150,20 @@ def make_student_command(teacher, layers, layer_map, out):
                    "(UTF-8, at most 1 MiB a line, JSON nested at most 64 deep).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Store directory. Re-running the same command on it resumes after the last complete shard.")
-@click.option("--top-k", "top_k", required=True, type=int, help="Entries kept per position (K), e.g. 64.")
+@click.option("--top-k", "top_k", type=int, default=None,
+              help="Entries kept per position (K), e.g. 64. Required with --targets topk.")
+@click.option("--targets", type=click.Choice(["topk", "sample"]), default="topk", show_default=True,
+              help="topk: the teacher's K largest entries + tail. sample: --samples draws per position from the "
+                   "teacher's distribution (RS-KD), kept as distinct ids with counts; trained with the unbiased "
+                   "sampled-target loss (kdengine/losses/sampled_reference.py).")
+@click.option("--samples", type=click.IntRange(1, 255), default=12, show_default=True,
+              help="With --targets sample: draws per position (M).")
+@click.option("--proposal-temperature", type=float, default=1.0, show_default=True,
+              help="With --targets sample: draw from softmax(log p / X); the store then trains unbiasedly at "
+                   "temperature 1 (importance weights) or X (plain counts).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="With --targets sample: base seed; sample i draws from its own generator seeded by (seed, i), "
+                   "so reruns, resumes and any rank split draw the same ids.")
 @click.option("--backend", type=click.Choice(["hf", "exl2"]), default="hf", show_default=True, help=BACKEND_HELP)
 @click.option("--max-length", type=int, default=None,
               help="Keep at most this many tokens of each sample (counted as truncated). Default: no limit.")
@@ -175,16 +188,22 @@ def make_student_command(teacher, layers, layer_map, out):
               help="This process's rank (with --world-size); default: torchrun's RANK, else 0.")
 @click.option("--world-size", type=int, default=None,
               help="Number of dump processes; each takes every W-th shard. Default: torchrun's WORLD_SIZE, else 1.")
-def dump(teacher, data, out, top_k, backend, max_length, batch_size, shard_samples, device, dtype, gpu_split, chat,
-         skip_bad_lines, codec, rank, world_size):
-    """Run a teacher over a corpus and store its top-k next-token log-probs at every target position."""
+def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed, backend, max_length, batch_size,
+         shard_samples, device, dtype, gpu_split, chat, skip_bad_lines, codec, rank, world_size):
+    """Run a teacher over a corpus and store its top-k next-token log-probs (or, with --targets sample,
+    ids sampled from its next-token distribution) at every target position."""
     from kdengine.corpus import CorpusError
     from kdengine.dump import DumpConfig, DumpError
     from kdengine.dump import dump as run_dump
     from kdengine.store import StoreError
     from kdengine.teachers import TeacherError
 
-    cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=top_k, backend=backend, max_length=max_length,
+    if targets == "topk" and top_k is None:
+        raise click.UsageError("--targets topk needs --top-k K (e.g. 64)")
+    if targets == "sample" and top_k is not None:
+        raise click.UsageError("--top-k does not apply with --targets sample (use --samples)")
+    cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=top_k or 1, targets=targets, samples=samples,
+                     proposal_temperature=proposal_temperature, seed=seed, backend=backend, max_length=max_length,
                      batch_size=batch_size, shard_samples=shard_samples, device=device, dtype=dtype, chat=chat,
                      skip_bad_lines=skip_bad_lines, codec=codec, rank=rank, world_size=world_size,
                      backend_opts=backend_opts(backend, gpu_split))
@@ -211,8 +230,9 @@ def dump(teacher, data, out, top_k, backend, max_length, batch_size, shard_sampl
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True,
-              help="Print the summary as JSON: samples, tokens, positions, bytes, bytes_per_position, top_k, "
-                   "vocab_size, teacher, tokenizer_fingerprint, codec.")
+              help="Print the summary as JSON: targets (topk or sample), samples, tokens, positions, bytes, "
+                   "bytes_per_position, top_k, vocab_size, teacher, tokenizer_fingerprint, codec; for sampled "
+                   "targets also draws_per_position, proposal_temperature, distinct_ids_per_position.")
 @click.option("--sample", "sample_index", type=int, default=None,
               help="Show sample I instead: the teacher's top tokens at each target position (text via the "
                    "teacher's tokenizer when it can be loaded, else ids).")

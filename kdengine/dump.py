@@ -27,7 +27,9 @@ from tqdm import tqdm
 from kdengine.checksum import sha256_file
 from kdengine.corpus import Sample, check_corpus, padded_batches, tokenize_corpus
 from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter, codec_names
-from kdengine.store.codec import DEFAULT_CODEC, codec_unavailable, default_params
+from kdengine.sampling import teacher_draws
+from kdengine.store.codec import DEFAULT_CODEC, SAMPLED_CODEC, codec_unavailable, default_params
+from kdengine.store.format import TARGET_MODES
 from kdengine.store.writer import check_dump_settings
 from kdengine.teachers import load_teacher, topk_logprobs
 
@@ -51,6 +53,10 @@ class DumpConfig:
     chat: bool = False
     skip_bad_lines: bool = False
     codec: str = DEFAULT_CODEC
+    targets: str = "topk"  # or "sample": `samples` draws per position (RS-KD), codec `sampled`
+    samples: int = 12
+    proposal_temperature: float = 1.0
+    seed: int = 0
     rank: int | None = None
     world_size: int | None = None
     progress: bool = True
@@ -105,14 +111,27 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
     for name in ("top_k", "batch_size", "shard_samples"):
         if getattr(cfg, name) < 1:
             raise DumpError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.codec not in codec_names():
+    sampled = cfg.targets == "sample"
+    if cfg.targets not in TARGET_MODES:
+        raise DumpError(f"--targets must be one of {', '.join(TARGET_MODES)}, got {cfg.targets!r}")
+    if sampled and not 1 <= cfg.samples <= 255:
+        raise DumpError(f"--samples must be in [1, 255], got {cfg.samples}")
+    if sampled and not 0 < cfg.proposal_temperature < float("inf"):
+        raise DumpError(f"--proposal-temperature must be a finite number > 0, got {cfg.proposal_temperature}")
+    codec, k = (SAMPLED_CODEC, cfg.samples) if sampled else (cfg.codec, cfg.top_k)
+    if sampled:
+        codec_params = {"samples": cfg.samples, "proposal_temperature": float(cfg.proposal_temperature),
+                        "seed": int(cfg.seed), "zstd_level": 3}
+    elif cfg.codec not in codec_names():
         raise DumpError(f"unknown codec {cfg.codec!r}; choose one of {', '.join(codec_names())}")
-    unavailable = codec_unavailable(cfg.codec)
+    else:
+        codec_params = default_params(cfg.codec)
+    unavailable = codec_unavailable(codec)
     if unavailable:
         raise DumpError(unavailable)
     checked = check_corpus(cfg.data, skip_bad_lines=cfg.skip_bad_lines)  # fail fast, before the model loads
     config = _config(cfg, sha256_file(cfg.data), world_size)
-    check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "config": config})
+    check_dump_settings(cfg.out, {"k": k, "codec": codec, "codec_params": codec_params, "config": config})
 
     device = cfg.device
     if device == "cuda" and world_size > 1 and "LOCAL_RANK" in os.environ:
@@ -121,11 +140,10 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
         teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=device, dtype=cfg.dtype, **cfg.backend_opts)
     corpus = tokenize_corpus(checked, teacher.tokenizer, chat=cfg.chat, max_length=cfg.max_length,
                              skip_bad_lines=cfg.skip_bad_lines, progress=cfg.progress and rank == 0)
-    codec_params = default_params(cfg.codec)
     header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
-                         vocab_size=teacher.vocab_size, k=cfg.top_k, codec=cfg.codec, codec_params=codec_params,
-                         config=config)
-    if cfg.top_k > teacher.vocab_size:
+                         vocab_size=teacher.vocab_size, k=k, codec=codec, codec_params=codec_params,
+                         config=config, targets=cfg.targets)
+    if not sampled and cfg.top_k > teacher.vocab_size:
         raise DumpError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
     writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size)
 
@@ -144,8 +162,14 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
     try:
         for chunk in todo:
             encoder.begin(chunk, len(chunk_samples[chunk]))
-            for sample, idx, logp in teacher_topk(teacher, chunk_samples[chunk], cfg.top_k, cfg.batch_size):
-                encoder.put(sample, idx, logp)
+            if sampled:
+                targets = teacher_draws(teacher, chunk_samples[chunk], cfg.samples, cfg.batch_size,
+                                        proposal_temperature=cfg.proposal_temperature, seed=cfg.seed)
+            else:
+                targets = ((s, (idx, logp))
+                           for s, idx, logp in teacher_topk(teacher, chunk_samples[chunk], cfg.top_k, cfg.batch_size))
+            for sample, target in targets:
+                encoder.put(sample, target)
                 bar.update(len(sample.input_ids))
             encoder.end(chunk)
         written = encoder.close()
@@ -206,8 +230,9 @@ class _ShardEncoder:
     def begin(self, chunk: int, n_samples: int) -> None:
         self._send(("begin", chunk, n_samples))
 
-    def put(self, sample: Sample, idx: np.ndarray, logp: np.ndarray) -> None:
-        self._send(("sample", sample, idx, logp))
+    def put(self, sample: Sample, targets) -> None:
+        """targets: (idx [P, K], logp [P, K]) for a top-k store, a TeacherDraws for a sampled one."""
+        self._send(("sample", sample, targets))
 
     def end(self, chunk: int) -> None:
         self._send(("end", chunk))
@@ -251,8 +276,11 @@ class _ShardEncoder:
                 if item[0] == "begin":
                     builder, expected = ShardBuilder(self.header), item[2]
                 elif item[0] == "sample":
-                    _, s, idx, logp = item
-                    builder.add(s.index, s.id, s.input_ids, s.positions, idx, logp)
+                    _, s, targets = item
+                    if self.header.targets == "sample":
+                        builder.add_draws(s.index, s.id, s.input_ids, s.positions, targets)
+                    else:
+                        builder.add(s.index, s.id, s.input_ids, s.positions, *targets)
                 else:
                     if len(builder) != expected:
                         raise StoreError(f"chunk {item[1]}: {len(builder)} samples encoded, expected {expected}")

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 
+from kdengine.corpus import Sample, padded_batches
+
 
 @dataclass
-class SampledTargets:
+class TeacherDraws:
     """Dims: P positions, K = the most distinct ids of any position (slots past a row's count are padding).
 
     ids: int32 [P, K], distinct ids per row in ascending order, 0 at padding slots.
@@ -37,7 +40,7 @@ def sample_seed(seed: int, sample_index: int) -> int:
 
 
 def draw_targets(logits: torch.Tensor, n_samples: int, *, proposal_temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> SampledTargets:
+                 generator: torch.Generator | None = None) -> TeacherDraws:
     """M = `n_samples` draws per row of `logits` [P, V] (the teacher's, at T = 1) from
     softmax(log_softmax(logits) / tau), deduplicated. Returns CPU tensors."""
     if n_samples < 1:
@@ -48,7 +51,7 @@ def draw_targets(logits: torch.Tensor, n_samples: int, *, proposal_temperature: 
     log_r_all = logp_all if proposal_temperature == 1 else torch.log_softmax(logp_all / proposal_temperature, -1)
     if logits.shape[0] == 0:
         empty = torch.zeros(0, 1, dtype=torch.int32)
-        return SampledTargets(empty, empty.clone(), torch.zeros(0, 1), torch.zeros(0))
+        return TeacherDraws(empty, empty.clone(), torch.zeros(0, 1), torch.zeros(0))
     draws = torch.multinomial(log_r_all.exp(), n_samples, replacement=True, generator=generator)
     ids, counts = dedupe_draws(draws)
     logp = torch.where(counts > 0, logp_all.gather(1, ids), 0.0)
@@ -56,7 +59,29 @@ def draw_targets(logits: torch.Tensor, n_samples: int, *, proposal_temperature: 
         log_norm = torch.zeros(logits.shape[0], device=logits.device)
     else:
         log_norm = torch.logsumexp(logp_all / proposal_temperature, dim=-1)
-    return SampledTargets(ids.to(torch.int32).cpu(), counts.to(torch.int32).cpu(), logp.cpu(), log_norm.float().cpu())
+    return TeacherDraws(ids.to(torch.int32).cpu(), counts.to(torch.int32).cpu(), logp.cpu(), log_norm.float().cpu())
+
+
+def teacher_draws(teacher, samples: Sequence[Sample], n_samples: int, batch_size: int, *,
+                  proposal_temperature: float = 1.0, seed: int = 0) -> Iterator[tuple[Sample, TeacherDraws]]:
+    """The sampled targets of every target position of every sample, batched by length like
+    `kdengine.dump.teacher_topk`; each sample's draws come from its own generator (`sample_seed`),
+    on the teacher's device, so they do not depend on the batch, the rank or an earlier crash.
+
+    Yields:
+        (sample, TeacherDraws over its P positions) per sample, in batch order.
+    """
+    for b in padded_batches(samples, batch_size):
+        with torch.inference_mode():
+            logits = teacher.logits(b.input_ids, b.lengths)
+            rows = logits[b.rows.to(logits.device), b.cols.to(logits.device)]
+            at = 0
+            for s in b.samples:
+                n = len(s.positions)
+                gen = torch.Generator(device=rows.device).manual_seed(sample_seed(seed, s.index))
+                yield s, draw_targets(rows[at:at + n], n_samples, proposal_temperature=proposal_temperature,
+                                      generator=gen)
+                at += n
 
 
 def dedupe_draws(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +97,7 @@ def dedupe_draws(draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, counts
 
 
-def loss_targets(targets: SampledTargets, proposal_temperature: float, temperature: float):
+def loss_targets(targets: TeacherDraws, proposal_temperature: float, temperature: float):
     """(target_logp, proposal_logp | None) for `sampled_kl` at loss temperature T from stored targets.
 
     The store knows the full-vocabulary normaliser at T = 1 (log p) and at T = tau (log r), so these

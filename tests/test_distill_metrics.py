@@ -38,17 +38,19 @@ def test_a_model_against_itself_has_kl_0_and_agreement_1(teacher, samples, tiny_
     assert metrics["copy"].top1_agreement == 1.0
     assert metrics["copy"].perplexity == pytest.approx(metrics["teacher"].perplexity, rel=1e-5)
     assert metrics["teacher"].kl_to_teacher == 0.0 and metrics["teacher"].top1_agreement == 1.0
+    assert metrics["teacher"].ece_to_teacher < 1e-9 and metrics["copy"].ece_to_teacher < 1e-5
     assert metrics["copy"].positions == sum(len(s.positions) for s in samples) > 0
 
 
 def test_uniform_student_matches_the_closed_form(teacher, samples, tiny_model_dir):
     """A student with a zero output layer predicts the uniform distribution u over V tokens:
-    KL(p || u) = log V - H(p), perplexity V, and argmax 0 (the first of equal logits)."""
+    KL(p || u) = log V - H(p), perplexity V, and argmax 0 (the first of equal logits), so all its
+    confidences 1/V fall in the first bin: ECE = |1/V - mean p(0)|."""
     uniform = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():
         uniform.lm_head.weight.zero_()
     vocab = teacher.vocab_size
-    kl, agree, nll, n = 0.0, 0, 0.0, 0
+    kl, agree, nll, n, p0 = 0.0, 0, 0.0, 0, 0.0
     with torch.no_grad():  # the reference: one unpadded sample at a time
         for s in samples:
             ids = torch.from_numpy(s.input_ids.astype("int64"))[None]
@@ -56,6 +58,7 @@ def test_uniform_student_matches_the_closed_form(teacher, samples, tiny_model_di
             logp = logp.double().log_softmax(-1)
             kl += float((math.log(vocab) + (logp.exp() * logp).sum(-1)).sum())
             agree += int((logp.argmax(-1) == 0).sum())
+            p0 += float(logp[:, 0].exp().sum())
             nll -= float(logp.gather(1, ids[0, s.positions.astype("int64") + 1][:, None]).sum())
             n += len(s.positions)
     for batch_size in (1, 3):
@@ -63,6 +66,7 @@ def test_uniform_student_matches_the_closed_form(teacher, samples, tiny_model_di
         assert metrics["uniform"].kl_to_teacher == pytest.approx(kl / n, rel=1e-5)
         assert metrics["uniform"].top1_agreement == agree / n
         assert metrics["uniform"].perplexity == pytest.approx(vocab, rel=1e-5)
+        assert metrics["uniform"].ece_to_teacher == pytest.approx(abs(1 / vocab - p0 / n), rel=1e-4)
         assert metrics["teacher"].perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
 
 

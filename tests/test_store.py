@@ -252,11 +252,11 @@ def test_inspect_json_keys_and_sample_view(dumped, tmp_path):
     result = runner.invoke(cli, ["inspect", cfg.out, "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert list(info) == ["samples", "tokens", "positions", "bytes", "bytes_per_position", "top_k", "vocab_size",
+    assert list(info) == ["targets", "samples", "tokens", "positions", "bytes", "bytes_per_position", "top_k", "vocab_size",
                           "teacher", "tokenizer_fingerprint", "codec"]
     assert info["samples"] == 11 and info["top_k"] == K and info["positions"] == summary.positions
     assert info["bytes_per_position"] == pytest.approx(summary.bytes_per_position, abs=1e-3)
-    assert info["codec"]["name"] == "sqrt_ac"
+    assert info["codec"]["name"] == "sqrt_ac" and info["targets"] == "topk"
 
     result = runner.invoke(cli, ["inspect", cfg.out, "--sample", "1"])
     assert result.exit_code == 0, result.output

@@ -7,7 +7,11 @@ teacher's and the student's next-token distributions:
 - KL to teacher: KL(p_t || p_s) = sum_v p_t(v) * (log p_t(v) - log p_s(v)), in nats, averaged over
   positions (the forward KL that distillation minimises, here without any top-k truncation);
 - top-1 agreement: the fraction of positions where argmax p_s = argmax p_t;
-- perplexity: exp of the mean negative log-likelihood of the actual next token input_ids[p + 1].
+- perplexity: exp of the mean negative log-likelihood of the actual next token input_ids[p + 1];
+- calibration error against the teacher (ECE): the student's confidence c = max_v p_s(v) in its
+  top-1 token y against how likely the teacher makes that token, p_t(y) (its accuracy if the next
+  token were drawn from the teacher), over ECE_BINS equal-width bins of c:
+  ECE = sum_b (n_b / n) |mean_b c - mean_b p_t(y)|. A student that copies the teacher scores 0.
 
 The teacher's own row has KL 0 and agreement 1 by definition; its perplexity is measured on the same
 tokens, the bar a student's perplexity is read against.
@@ -28,6 +32,7 @@ from tqdm import tqdm
 from kdengine.corpus import padded_batches
 
 TEACHER = "teacher"  # the key of the teacher's own row in distill_metrics' result
+ECE_BINS = 15
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class DistillMetrics:
     top1_agreement: float
     perplexity: float
     positions: int
+    ece_to_teacher: float
 
 
 @torch.inference_mode()
@@ -78,6 +84,7 @@ def distill_metrics(teacher, students: Mapping[str, torch.nn.Module], samples: S
                              "(see `kdengine make-student`)")
     names = [TEACHER, *students]
     sums = {name: np.zeros(3) for name in names}  # KL, agreements, NLL, each summed over positions
+    bins = {name: np.zeros((ECE_BINS, 3)) for name in names}  # per confidence bin: count, sum c, sum p_t(y)
     with tqdm(total=len(samples), unit="sample", desc="held-out KL", disable=not progress) as bar:
         for b in padded_batches(samples, batch_size):
             ids, lengths, rows, cols = b.input_ids, b.lengths, b.rows, b.cols
@@ -85,14 +92,19 @@ def distill_metrics(teacher, students: Mapping[str, torch.nn.Module], samples: S
             t_logp = teacher.logits(ids, lengths)[rows.to(teacher.device), cols.to(teacher.device)]
             t_logp = t_logp.float().log_softmax(-1).cpu()
             sums[TEACHER] += _position_sums(t_logp, t_logp, labels)
+            bins[TEACHER] += _calibration_bins(t_logp, t_logp)
             mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
             for name, model in students.items():
                 s_logits = _student_logits(model, ids, mask, rows, cols, t_logp.shape[-1])
-                sums[name] += _position_sums(t_logp, s_logits.float().log_softmax(-1), labels)
+                s_logp = s_logits.float().log_softmax(-1)
+                sums[name] += _position_sums(t_logp, s_logp, labels)
+                bins[name] += _calibration_bins(t_logp, s_logp)
             bar.update(len(b.samples))
     return {name: DistillMetrics(kl_to_teacher=0.0 if name == TEACHER else float(s[0] / total_positions),
                                  top1_agreement=1.0 if name == TEACHER else float(s[1] / total_positions),
-                                 perplexity=math.exp(s[2] / total_positions), positions=total_positions)
+                                 perplexity=math.exp(s[2] / total_positions), positions=total_positions,
+                                 ece_to_teacher=float(np.abs(bins[name][:, 1] - bins[name][:, 2]).sum()
+                                                      / total_positions))
             for name, s in sums.items()}
 
 
@@ -103,6 +115,18 @@ def _student_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Te
     device = next(model.parameters()).device
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
     return logits[rows.to(device), cols.to(device), :vocab].cpu()
+
+
+def _calibration_bins(t_logp: torch.Tensor, s_logp: torch.Tensor) -> np.ndarray:
+    """[ECE_BINS, 3]: per bin of the model's top-1 confidence c, (rows, sum of c, sum of the teacher's
+    probability of that top-1 token)."""
+    conf, top1 = s_logp.max(-1)
+    conf = conf.double().exp()
+    hit = t_logp.gather(1, top1[:, None])[:, 0].double().exp()
+    b = (conf * ECE_BINS).long().clamp(0, ECE_BINS - 1)
+    out = torch.zeros(ECE_BINS, 3, dtype=torch.float64)
+    out.index_add_(0, b, torch.stack([torch.ones_like(conf), conf, hit], dim=1))
+    return out.numpy()
 
 
 def _position_sums(t_logp: torch.Tensor, s_logp: torch.Tensor, labels: torch.Tensor) -> np.ndarray:

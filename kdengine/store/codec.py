@@ -43,6 +43,7 @@ _COLUMN_GROUPS = (0, 1, 4, 16)  # `sqrt`: starts of the column groups; the last 
 _NIBBLE_FROM = 16  # `sqrt`: level steps in columns >= this are small: two per byte
 _ID_SUB, _HEAD_SUB = 2, 3  # `sqrt`: leading mantissa bits kept in the bucket symbol
 DEFAULT_CODEC = "sqrt_ac"
+SAMPLED_CODEC = "sampled"  # `--targets sample` stores: kdengine/store/sampled_codec.py
 _EXTENSION_HINT = "build it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`)"
 
 
@@ -108,6 +109,10 @@ def make_codec(name: str, *, k: int, vocab_size: int, table: np.ndarray | None =
 
 
 def _codec_class(name: str):
+    if name == SAMPLED_CODEC:  # the codec of sampled-target stores (its own module)
+        from kdengine.store.sampled_codec import SampledCodec
+
+        return SampledCodec
     codecs = {"sqrt_ac": SqrtAcCodec, "sqrt": SqrtCodec, "raw": RawCodec}
     if name not in codecs:
         raise ValueError(f"unknown codec {name!r}; expected one of {', '.join(codec_names())}")

@@ -34,6 +34,7 @@ SHARD_TENSORS = {
 }
 # The codec's per-shard table: [V] id weights (codec 'sqrt_ac') or rank -> id (codec 'sqrt').
 OPTIONAL_TENSORS = {"id_prior": "int32", "vocab_order": "int32"}
+TARGET_MODES = ("topk", "sample")  # the manifest's `targets`; "sample" stores use codec `sampled`
 SHARD_METADATA_KEYS = ("format", "version", "codec", "codec_params", "k", "vocab_size",
                        "tokenizer_fingerprint", "teacher", "chunk", "rank", "samples", "sample_ids")
 
@@ -107,6 +108,13 @@ def check_manifest(manifest, path) -> None:
                       ("codec", dict), ("shards", list)):
         if not isinstance(manifest.get(key), kind):
             raise StoreError(f"{path}: key {key!r} is missing or not a {kind.__name__}")
+    targets = manifest.get("targets", "topk")
+    if targets not in TARGET_MODES:
+        raise StoreError(f"{path}: targets is {targets!r}, this kdengine knows {', '.join(TARGET_MODES)}; use the "
+                         f"kdengine release that wrote the store")
+    if (targets == "sample") != (manifest["codec"].get("name") == "sampled"):
+        raise StoreError(f"{path}: targets {targets!r} with codec {manifest['codec'].get('name')!r}; a 'sample' "
+                         f"store uses codec 'sampled' and only it")
     for i, shard in enumerate(manifest["shards"]):
         check_shard_entry(shard, f"{path}: shard entry {i}")
 

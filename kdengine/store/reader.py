@@ -45,9 +45,16 @@ class TopKStore(torch.utils.data.Dataset):
         topk_logp: float32 [P, K] full-vocabulary log-probabilities at temperature 1; per row
             sum(exp(topk_logp)) <= 1 and the rest is the tail mass.
         id: str, the corpus line's id; index: int, the sample's index in the corpus.
+    A sampled-target store (`targets == "sample"`) has, instead of topk_idx/topk_logp, with K' the
+    most distinct ids of a position in the sample (padding slots: id 0, count 0, logp 0):
+        sample_idx: int32 [P, K'] the distinct drawn ids, ascending.
+        sample_count: int32 [P, K'] how often each was drawn (sum: the store's `samples`).
+        sample_logp: float32 [P, K'] the teacher's log-probabilities of those ids at T = 1.
+        sample_log_norm: float32 [P] ln sum_v p_v^(1/tau) of the proposal (0 when tau = 1).
 
     Attributes: path, manifest, k, vocab_size, teacher, tokenizer_fingerprint, codec (name),
-    codec_params, num_tokens, num_positions, complete, identity (`store_identity` of the manifest).
+    codec_params, targets ("topk" or "sample"), num_tokens, num_positions, complete, identity
+    (`store_identity` of the manifest).
     """
 
     MAX_OPEN_SHARDS = 64
@@ -59,6 +66,7 @@ class TopKStore(torch.utils.data.Dataset):
         self.k, self.vocab_size = m["k"], m["vocab_size"]
         self.teacher, self.tokenizer_fingerprint = m["teacher"], m["tokenizer_fingerprint"]
         self.codec, self.codec_params = m["codec"].get("name"), m["codec"].get("params", {})
+        self.targets = m.get("targets", "topk")
         self.complete = bool(m.get("complete"))
         self.identity = store_identity(m)
         self._shards = m["shards"]
@@ -137,6 +145,7 @@ class _Shard:
                 raise StoreError(f"{where}: tensor {name} is not {n + 1} non-decreasing offsets from 0; "
                                  f"run `kdengine verify {directory}`")
         self.sample_ids = json.loads(meta["sample_ids"])
+        self.targets = manifest.get("targets", "topk")
         table_name = _codec_table_name(manifest, where)
         table = self._tensor(table_name) if table_name else None
         try:
@@ -174,6 +183,8 @@ class _Shard:
 
     def sample(self, j: int) -> dict:
         input_ids, positions, frame = self.raw(j)
+        if self.targets == "sample":
+            return self._sampled(j, input_ids, positions, frame)
         try:
             idx, logp = self.codec.decode(frame, input_ids, positions)
         except CodecError as exc:
@@ -192,6 +203,27 @@ class _Shard:
         }
 
 
+    def _sampled(self, j: int, input_ids, positions, frame) -> dict:
+        try:
+            ids, counts, logp, log_norm = self.codec.decode(frame)
+        except CodecError as exc:
+            raise StoreError(f"{self._where}: sample {j} (corpus index {self.sample_index[j]}) does not "
+                             f"decode: {exc}") from None
+        if ids.shape[0] != positions.shape[0]:
+            raise StoreError(f"{self._where}: sample {j} holds {ids.shape[0]} target rows for "
+                             f"{positions.shape[0]} positions")
+        return {
+            "input_ids": torch.from_numpy(input_ids.astype(np.int64)),
+            "positions": torch.from_numpy(positions.astype(np.int64)),
+            "sample_idx": torch.from_numpy(ids),
+            "sample_count": torch.from_numpy(counts),
+            "sample_logp": torch.from_numpy(logp),
+            "sample_log_norm": torch.from_numpy(log_norm),
+            "id": self.sample_ids[j],
+            "index": int(self.sample_index[j]),
+        }
+
+
 def _check_shard_header(meta: dict, keys: set, entry: dict, manifest: dict, where: str) -> None:
     missing = [k for k in SHARD_METADATA_KEYS if k not in meta]
     if missing:
@@ -203,6 +235,9 @@ def _check_shard_header(meta: dict, keys: set, entry: dict, manifest: dict, wher
                 "vocab_size": str(manifest["vocab_size"]),
                 "tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
                 "chunk": str(entry["chunk"]), "samples": str(entry["samples"])}
+    if meta.get("targets", "topk") != manifest.get("targets", "topk"):
+        raise StoreError(f"{where}: __metadata__['targets'] is {meta.get('targets', 'topk')!r}, the manifest "
+                         f"expects {manifest.get('targets', 'topk')!r}")
     for key, want in expected.items():
         if meta[key] != want:
             raise StoreError(f"{where}: __metadata__[{key!r}] is {meta[key]!r}, the manifest expects {want!r}")

@@ -26,17 +26,22 @@ _MAX_LEVEL = 65535  # -logp quantized to uint16: -64 nats is the floor
 class SampledCodec:
     """Encodes and decodes one sample's sampled targets.
 
+    k: the store's K, which for sampled targets is M (the most distinct ids a position can have).
     Params (the manifest's codec params): `samples` (M, draws per position, 1..255),
     `proposal_temperature` (tau > 0), `seed` (the dump's base seed), `zstd_level`.
     """
 
     name = "sampled"
     DEFAULTS = {"samples": 12, "proposal_temperature": 1.0, "seed": 0, "zstd_level": 3}
+    TABLE = None  # no per-shard table
+    learn_table = None
 
-    def __init__(self, *, vocab_size: int, samples: int = 12, proposal_temperature: float = 1.0, seed: int = 0,
-                 zstd_level: int = 3):
+    def __init__(self, *, k: int, vocab_size: int, samples: int = 12, proposal_temperature: float = 1.0,
+                 seed: int = 0, zstd_level: int = 3):
         if not (isinstance(samples, int) and 1 <= samples <= 255):
             raise ValueError(f"samples must be an int in [1, 255], got {samples!r}")
+        if k != samples:
+            raise ValueError(f"a sampled store's k is its samples per position ({samples}), got k = {k}")
         if not (isinstance(proposal_temperature, (int, float)) and 0 < proposal_temperature < float("inf")):
             raise ValueError(f"proposal_temperature must be a finite number > 0, got {proposal_temperature!r}")
         self.vocab_size, self.samples = int(vocab_size), samples

@@ -41,6 +41,7 @@ class StoreHeader:
     codec: str
     codec_params: dict
     config: dict
+    targets: str = "topk"  # "topk", or "sample" (sampled targets, codec `sampled`)
 
 
 class ShardBuilder:
@@ -60,6 +61,7 @@ class ShardBuilder:
         self._pending = []  # raw samples waiting for the vocabulary order
         self._pending_positions = 0
         self._done = []  # (index, id, input_ids, positions, frame)
+        self._distinct_ids = 0  # sampled targets: distinct ids over all positions added
 
     def add(self, index: int, sample_id: str, input_ids, positions, topk_idx, topk_logp) -> None:
         """Adds one sample.
@@ -81,6 +83,8 @@ class ShardBuilder:
         if positions.size and (positions.min() < 0 or positions.max() >= input_ids.shape[0] - 1):
             raise ValueError(f"sample {index}: target positions must lie in [0, {input_ids.shape[0] - 2}]")
         item = (int(index), str(sample_id), input_ids, positions, topk_idx, topk_logp)
+        if self.header.targets != "topk":
+            raise ValueError(f"sample {index}: a {self.header.targets!r} store takes add_draws(), not top-k rows")
         if self.codec is None:
             self._pending.append(item)
             self._pending_positions += positions.shape[0]
@@ -88,6 +92,26 @@ class ShardBuilder:
                 self._start_codec()
         else:
             self._encode(item)
+
+    def add_draws(self, index: int, sample_id: str, input_ids, positions, draws) -> None:
+        """Adds one sample of a sampled-target store (targets "sample").
+
+        Args:
+            draws: a `kdengine.sampling.TeacherDraws` over the sample's P positions (ids, counts, logp
+                [P, K'], log_norm [P]).
+        """
+        if self.header.targets != "sample":
+            raise ValueError(f"sample {index}: add_draws() is for a 'sample' store, this one is {self.header.targets!r}")
+        input_ids = np.asarray(input_ids, dtype=np.int32)
+        positions = np.asarray(positions, dtype=np.int32)
+        if draws.ids.shape[0] != positions.shape[0]:
+            raise ValueError(f"sample {index}: {draws.ids.shape[0]} rows of draws for {positions.shape[0]} positions")
+        if positions.size and (positions.min() < 0 or positions.max() >= input_ids.shape[0] - 1):
+            raise ValueError(f"sample {index}: target positions must lie in [0, {input_ids.shape[0] - 2}]")
+        frame = self.codec.encode(np.asarray(draws.ids), np.asarray(draws.counts), np.asarray(draws.logp),
+                                  np.asarray(draws.log_norm))
+        self._done.append((int(index), str(sample_id), input_ids, positions, frame))
+        self._distinct_ids += int((np.asarray(draws.counts) > 0).sum())
 
     def _start_codec(self) -> None:
         seen = [item[4] for item in self._pending]
@@ -129,6 +153,8 @@ class ShardBuilder:
             tensors[self.table_name] = self.codec.table
         counts = {"samples": len(done), "tokens": int(tensors["input_ids"].size),
                   "positions": int(tensors["positions"].size), "payload_bytes": int(tensors["payload"].size)}
+        if self.header.targets == "sample":
+            counts["distinct_ids"] = self._distinct_ids
         return tensors, [d[1] for d in done], counts
 
 
@@ -189,6 +215,7 @@ class StoreWriter:
             "vocab_size": str(self.header.vocab_size), "tokenizer_fingerprint": self.header.tokenizer_fingerprint,
             "teacher": self.header.teacher, "chunk": str(chunk), "rank": str(self.rank),
             "samples": str(counts["samples"]), "sample_ids": json.dumps(sample_ids),
+            "targets": self.header.targets,
         }
         tmp = self.directory / f".{name}.tmp-r{self.rank:05d}"
         save_file(tensors, str(tmp), metadata=metadata)
@@ -264,7 +291,7 @@ def _merged(parts: dict) -> dict:
     return {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "teacher": header["teacher"], "tokenizer_fingerprint": header["tokenizer_fingerprint"],
-        "vocab_size": header["vocab_size"], "k": header["k"],
+        "vocab_size": header["vocab_size"], "k": header["k"], "targets": header.get("targets", "topk"),
         "codec": {"name": header["codec"], "params": header["codec_params"]},
         "dump": header["config"],
         "complete": complete,
@@ -297,7 +324,7 @@ def _read_parts(directory: Path) -> dict[int, dict]:
 def _header_dict(header: StoreHeader) -> dict:
     return {"teacher": header.teacher, "tokenizer_fingerprint": header.tokenizer_fingerprint,
             "vocab_size": header.vocab_size, "k": header.k, "codec": header.codec,
-            "codec_params": header.codec_params, "config": header.config}
+            "codec_params": header.codec_params, "config": header.config, "targets": header.targets}
 
 
 def check_dump_settings(directory: str | Path, settings: dict) -> None:

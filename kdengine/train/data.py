@@ -126,18 +126,20 @@ def collate(samples: list[dict], *, pad_id: int) -> dict:
 
     Args:
         samples: store items: input_ids int [T], positions int [P] (t whose next-token distribution
-            is stored), topk_idx int32 [P, K], topk_logp float32 [P, K].
+            is stored), topk_idx int32 [P, K], topk_logp float32 [P, K]; or, from a sampled-target
+            store, sample_idx/sample_count/sample_logp [P, K_j] and sample_log_norm [P].
         pad_id: token id for padding (masked out; any valid id works).
     Returns:
         dict with input_ids int64 [B, L], attention_mask int64 [B, L], rows int64 [N] (indices into the
         flattened [B * L] positions), labels int64 [N] (the next input token), topk_idx int32 [N, K],
-        topk_logp float32 [N, K], tokens (sum of sample lengths) and targets (N). A position at a
+        topk_logp float32 [N, K] (or the sample_* fields, rows padded to the batch's widest with count 0),
+        tokens (sum of sample lengths) and targets (N). A position at a
         sample's last token has no next token to check against and is left out.
     """
     longest = max(int(s["input_ids"].numel()) for s in samples)
     input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), longest), dtype=torch.long)
-    rows, labels, idx, logp = [], [], [], []
+    rows, labels, idx, logp, keeps = [], [], [], [], []
     for b, s in enumerate(samples):
         x = s["input_ids"].long()
         n = x.numel()
@@ -148,15 +150,23 @@ def collate(samples: list[dict], *, pad_id: int) -> dict:
         pos = pos[keep]
         rows.append(b * longest + pos)
         labels.append(x[pos + 1])
-        idx.append(s["topk_idx"][keep])
-        logp.append(s["topk_logp"][keep])
-    return {
+        keeps.append(keep)
+        if "topk_idx" in s:
+            idx.append(s["topk_idx"][keep])
+            logp.append(s["topk_logp"][keep])
+    batch = {
         "input_ids": input_ids,
         "attention_mask": mask,
         "rows": torch.cat(rows),
         "labels": torch.cat(labels),
-        "topk_idx": torch.cat(idx).to(torch.int32),
-        "topk_logp": torch.cat(logp).float(),
         "tokens": int(mask.sum()),
         "targets": int(sum(r.numel() for r in rows)),
     }
+    if idx:
+        batch["topk_idx"] = torch.cat(idx).to(torch.int32)
+        batch["topk_logp"] = torch.cat(logp).float()
+    if "sample_idx" in samples[0]:
+        from kdengine.train.sampled_targets import collate_draws
+
+        batch.update(collate_draws(samples, keeps))
+    return batch

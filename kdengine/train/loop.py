@@ -26,7 +26,10 @@ from kdengine.train.distributed import all_reduce_sum, barrier, gather_objects, 
 from kdengine.train.errors import TrainError
 from kdengine.train.guard import check_student_matches_store
 from kdengine.train.model import TargetLogits, check_student_dir, decoder_layers, load_student, tied_aliases
+from kdengine.losses import sampled_kl
+from kdengine.losses.sampled_reference import sampled_kl_reference
 from kdengine.train.optim import build_optimizer, build_scheduler
+from kdengine.train.sampled_targets import SampledTargets, check_sampled_options
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -114,6 +117,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.module, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.loss_fn = _loss_function(cfg.loss_impl)
+        self._sampled_tau = None  # a sampled-target store: its proposal temperature
+        if store.targets == "sample":
+            check_sampled_options(store, temperature=cfg.temperature, tail=cfg.tail)
+            self._sampled_tau = float(store.codec_params["proposal_temperature"])
         if resume_from is not None:
             self._load_training_state(resume_from)
         if info.is_main:
@@ -230,15 +237,23 @@ class Trainer:
         b = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         with self._autocast():
             logits = self.module(b["input_ids"], b["attention_mask"], b["rows"])
-        loss = self.loss_fn(logits, b["topk_idx"], b["topk_logp"], b["labels"], tail=cfg.tail, alpha=cfg.alpha,
-                            temperature=cfg.temperature, reduction="sum")
+        if self._sampled_tau is not None:
+            loss, parts = self._sampled(b).loss(logits, b["labels"], alpha=cfg.alpha, temperature=cfg.temperature,
+                                                with_parts=with_parts)
+        else:
+            loss = self.loss_fn(logits, b["topk_idx"], b["topk_logp"], b["labels"], tail=cfg.tail, alpha=cfg.alpha,
+                                temperature=cfg.temperature, reduction="sum")
         # DDP and FSDP average gradients over ranks; scaling by world makes the result sum / global count.
         (loss * (self.info.world / global_targets)).backward()
         out = torch.zeros(3, dtype=torch.float64, device=dev)
         out[0] = loss.detach()
         if with_parts:
-            out[1:] = self._loss_parts(logits.detach(), b, loss.detach())
+            out[1:] = parts if self._sampled_tau is not None else self._loss_parts(logits.detach(), b, loss.detach())
         return out
+
+    def _sampled(self, b: dict) -> SampledTargets:
+        return SampledTargets(b, proposal_temperature=self._sampled_tau,
+                              loss_fn=sampled_kl_reference if self.cfg.loss_impl == "reference" else sampled_kl)
 
     def _loss_parts(self, logits: torch.Tensor, b: dict, loss: torch.Tensor) -> torch.Tensor:
         """[KD sum, CE sum] for logging, at the cost of one extra forward-only loss evaluation."""
@@ -292,8 +307,12 @@ class Trainer:
                 logits = self.module(b["input_ids"], b["attention_mask"], b["rows"])
             if j >= len(mine) or b["targets"] == 0:
                 continue
-            teacher_top1 = b["topk_idx"].gather(1, b["topk_logp"].argmax(1, keepdim=True)).squeeze(1).long()
-            kd = self.loss_fn(logits, b["topk_idx"], b["topk_logp"], None, tail=self.cfg.tail, reduction="sum")
+            if self._sampled_tau is not None:
+                targets = self._sampled(b)
+                teacher_top1, kd = targets.teacher_top1(), targets.eval_kd(logits)
+            else:
+                teacher_top1 = b["topk_idx"].gather(1, b["topk_logp"].argmax(1, keepdim=True)).squeeze(1).long()
+                kd = self.loss_fn(logits, b["topk_idx"], b["topk_logp"], None, tail=self.cfg.tail, reduction="sum")
             sums[0] += float(kd)
             sums[1] += float((logits.argmax(-1) == teacher_top1).sum())
             sums[2] += b["targets"]

