@@ -136,6 +136,8 @@ def test_inspect_shows_the_mode_draws_and_distinct_ids(sampled):
     assert 1 <= info["distinct_ids_per_position"] <= M
     result = CliRunner().invoke(cli, ["inspect", cfg.out, "--sample", "0"])
     assert result.exit_code == 0 and "sampled targets" in result.output and " x" in result.output
+    result = CliRunner().invoke(cli, ["verify", cfg.out])
+    assert result.exit_code == 0, result.output
 
 
 def test_cli_dump_options(tmp_path, tiny_model_dir):

@@ -89,7 +89,11 @@ def _check_shard(store, which, entry, directory, bar) -> str | None:
         positions = 0
         for j in range(len(shard)):
             sample = shard.sample(j)
-            if tuple(sample["topk_idx"].shape) != (len(sample["positions"]), store.k):
+            if "sample_idx" in sample:  # sampled targets: at most k (= draws) distinct ids per position
+                rows, width = sample["sample_idx"].shape
+                if rows != len(sample["positions"]) or width > store.k:
+                    return f"sample {j}: sampled targets of shape {(rows, width)}"
+            elif tuple(sample["topk_idx"].shape) != (len(sample["positions"]), store.k):
                 return f"sample {j}: top-k of shape {tuple(sample['topk_idx'].shape)}"
             positions += len(sample["positions"])
             bar.update(len(sample["positions"]))
