@@ -103,21 +103,13 @@ def eval_gsm8k(ctx, responses, model, log_dir, gpu_split, **model_options):
                f"{report['rules']['none']['count']} for manual review; reports in {log_dir}/")
 
 
-@cli.command(
-    "train",
-    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
-    add_help_option=False,
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def train_command(args):
-    """Train a student on a teacher's top-k store (sparse KL). Same flags and code path as
-    scripts/train.py; `kdengine train --help` lists them. Under torchrun, use scripts/train.py."""
-    from kdengine.train import TrainError, main as train_main
+def _add_train_command():
+    from kdengine.train.command import train_command  # stdlib and click only: cheap for --help
 
-    try:
-        train_main(list(args), prog="kdengine train")
-    except TrainError as exc:
-        raise click.ClickException(str(exc)) from None
+    cli.add_command(train_command)
+
+
+_add_train_command()
 
 
 @cli.command("make-student")

@@ -247,11 +247,14 @@ def test_cli_and_script_share_flags():
     script = subprocess.run([sys.executable, TRAIN_SCRIPT, "--help"], capture_output=True, text=True, check=True)
     command = CliRunner().invoke(cli, ["train", "--help"])
     assert command.exit_code == 0
-    assert command.output.startswith("usage: kdengine train ")
-    # Past the usage block (wrapped to the program name's width) the two help texts are the same.
-    assert command.output.split("\n\n", 1)[1] == script.stdout.split("\n\n", 1)[1]
+    assert command.output.startswith("Usage: cli train [OPTIONS]")
+    assert script.stdout.startswith("Usage: scripts/train.py [OPTIONS]")
+    # Past the usage line the two help texts are the same, options grouped under headings.
+    assert command.output.split("\n", 1)[1] == script.stdout.split("\n", 1)[1]
+    for heading in ("Inputs and outputs:", "Optimisation:", "Loss:", "Evaluation, logging, checkpoints:"):
+        assert heading in script.stdout
     for flag in ("--student", "--store", "--out", "--steps", "--lr", "--batch-tokens", "--alpha", "--temperature",
-                 "--tail", "--eval-every", "--save-every", "--log-every", "--seed", "--resume", "--fsdp"):
+                 "--tail", "--eval-every", "--save-every", "--log-every", "--seed", "--resume", "--fsdp", "--config"):
         assert flag in script.stdout
 
 
@@ -266,3 +269,12 @@ def test_gradient_checkpointing_takes_the_same_steps(store_dir, student_dir, tmp
     plain, ckpt = _records(tmp_path / "plain"), _records(tmp_path / "ckpt")
     assert [r["loss"] for r in ckpt] == pytest.approx([r["loss"] for r in plain], rel=1e-6)
     _assert_same_weights(tmp_path / "plain" / "final", tmp_path / "ckpt" / "final")
+
+
+def test_a_run_repeats_from_its_own_config_yaml(store_dir, student_dir, tmp_path):
+    main(_args(student_dir, store_dir, tmp_path / "flags", "--steps", 3, "--alpha", 0.5, "--tail"))
+    saved = tmp_path / "flags" / "config.yaml"
+    assert (tmp_path / "flags" / "checkpoints" / "step-00000003" / "config.yaml").read_text() == saved.read_text()
+    main(["--config", str(saved), "--out", str(tmp_path / "again")])
+    assert [r["loss"] for r in _records(tmp_path / "again")] == [r["loss"] for r in _records(tmp_path / "flags")]
+    _assert_same_weights(tmp_path / "flags" / "final", tmp_path / "again" / "final", atol=0)

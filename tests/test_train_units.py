@@ -13,7 +13,8 @@ from kdengine.train.checkpoint import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
-from kdengine.train.config import TrainConfig, parse_config
+from kdengine.train.command import parse_config
+from kdengine.train.config import TrainConfig
 from kdengine.train.data import BatchSchedule, DataPosition, plan_batches, split_heldout
 from kdengine.train.guard import check_student_matches_store
 from kdengine.train.errors import TrainError
@@ -32,10 +33,15 @@ def test_pinned_flags_parse():
 
 
 @pytest.mark.parametrize("flags, message", [
-    ("--alpha 1.5", "--alpha must be in [0, 1], got 1.5"),
-    ("--steps 0", "--steps must be >= 1, got 0"),
+    ("--alpha 1.5", "Invalid value for '--alpha': must be in [0, 1], got 1.5"),
+    ("--steps 0", "Invalid value for '--steps': must be >= 1, got 0"),
     ("--warmup-steps 20 --steps 10", "--warmup-steps must be in [0, --steps=10], got 20"),
-    ("--eval-fraction 1", "--eval-fraction must be in (0, 1), got 1.0"),
+    ("--eval-fraction 1", "Invalid value for '--eval-fraction': must be in (0, 1), got 1.0"),
+    ("--weight-decay -5", "Invalid value for '--weight-decay': must be >= 0, got -5.0"),
+    ("--max-grad-norm -1", "Invalid value for '--max-grad-norm': must be >= 0, got -1.0"),
+    ("--temperature inf", "Invalid value for '--temperature': must be a finite number > 0, got inf"),
+    ("--lr nan", "Invalid value for '--lr': must be a finite number > 0, got nan"),
+    ("--loss-impl fast", "Invalid value for '--loss-impl': 'fast' is not one of 'kernel', 'reference'"),
 ])
 def test_bad_flags_are_rejected(flags, message, capsys):
     with pytest.raises(SystemExit):

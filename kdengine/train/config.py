@@ -1,53 +1,120 @@
-"""The training configuration: one dataclass and the argparse parser that fills it.
+"""The training configuration: one dataclass whose fields define every option of `kdengine train`.
 
-`scripts/train.py` and `kdengine train` both parse their arguments here, so the two share one set of
-flags and one `--help`.
+Each field carries its flag's group, help, metavar and bounds (`option(...)`); the click command
+(`kdengine.train.command`) and the config-file reader are both generated from these fields, so a flag,
+its `--config` key and its validation cannot drift apart. A new option is one new field:
+
+    divergence: str = option("fkl", group="loss", help="...", choices=("fkl", "rkl", "jsd"))
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass
+from functools import cache
 
-EXAMPLES = """\
-examples:
-  python scripts/train.py --student runs/student --store runs/store --out runs/kd --steps 2000
-  torchrun --nproc_per_node=8 scripts/train.py --student S --store D --out O --batch-tokens 16384
-  torchrun --nproc_per_node=8 scripts/train.py ... --fsdp        # shard a student that does not fit one GPU
-  python scripts/train.py --student S --store D --out O --resume  # continue from the newest checkpoint
-"""
+GROUPS = ("inputs and outputs", "optimisation", "loss", "lora", "evaluation, logging, checkpoints", "misc")
+
+
+def option(
+    default=dataclasses.MISSING,
+    *,
+    group: str,
+    help: str,
+    metavar: str | None = None,
+    choices: tuple | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+):
+    """A TrainConfig field that is also a command-line option and a config-file key.
+
+    Args:
+        default: the value when neither the command line nor a config file sets it; omit it for a
+            required option. A bool field is an on/off flag (`--tail`).
+        group: the `--help` section (one of GROUPS).
+        help: the flag's help text; "(default ...)" is appended from `default`.
+        choices: the allowed values (for a list field: of each element).
+        low, high, low_open, high_open: numeric bounds (open = the bound itself is excluded). Floats
+            must also be finite.
+    """
+    assert group in GROUPS, group
+    meta = dict(group=group, help=help, metavar=metavar, choices=choices, low=low, high=high, low_open=low_open,
+                high_open=high_open)
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on. Saved in every checkpoint; a resume warns about fields that changed."""
+    """Everything a run depends on. Saved in every checkpoint; a resume refuses changes to the fields
+    that decide the data order and warns about the others."""
 
-    student: str
-    store: str
-    out: str
-    steps: int = 1000
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int | None = None
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    batch_tokens: int = 8192
-    grad_accum: int = 1
-    alpha: float = 1.0
-    temperature: float = 1.0
-    tail: bool = False
-    eval_every: int = 200
-    eval_fraction: float = 0.02
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    seed: int = 0
-    workers: int = 2
-    resume: bool = False
-    fsdp: bool = False
-    grad_checkpointing: bool = False
-    stop_after: int | None = None
-    loss_impl: str = "kernel"
+    # inputs and outputs
+    student: str = option(group="inputs and outputs", metavar="DIR",
+                          help="student: a local HF causal-LM directory (see `kdengine make-student`)")
+    store: str = option(group="inputs and outputs", metavar="DIR",
+                        help="top-k store directory written by `kdengine dump`")
+    out: str = option(group="inputs and outputs", metavar="DIR",
+                      help="run directory: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, final/")
+    resume: bool = option(False, group="inputs and outputs",
+                          help="continue from the newest complete checkpoint in --out")
+
+    # optimisation
+    steps: int = option(1000, group="optimisation", metavar="N", low=1, help="optimizer steps in the whole run")
+    lr: float = option(1e-4, group="optimisation", metavar="X", low=0, low_open=True,
+                       help="peak AdamW learning rate")
+    min_lr_ratio: float = option(0.1, group="optimisation", metavar="X", low=0, high=1,
+                                 help="cosine decay ends at lr * this")
+    warmup_steps: int | None = option(None, group="optimisation", metavar="N", low=0,
+                                      help="linear warmup steps (default: 5% of --steps)")
+    weight_decay: float = option(0.01, group="optimisation", metavar="X", low=0,
+                                 help="AdamW weight decay on matrices")
+    max_grad_norm: float = option(1.0, group="optimisation", metavar="X", low=0,
+                                  help="clip the global gradient norm to this; 0 disables")
+    batch_tokens: int = option(8192, group="optimisation", metavar="N", low=1,
+                               help="padded tokens (batch size x longest sample) per micro-batch per process")
+    grad_accum: int = option(1, group="optimisation", metavar="N", low=1,
+                             help="micro-batches per process per optimizer step")
+    grad_checkpointing: bool = option(False, group="optimisation",
+                                      help="recompute activations in backward to save memory")
+
+    # loss
+    alpha: float = option(1.0, group="loss", metavar="X", low=0, high=1,
+                          help="loss = alpha * KD + (1 - alpha) * CE on the next token; 1 = pure KD, 0 = plain CE")
+    temperature: float = option(1.0, group="loss", metavar="X", low=0, low_open=True, help="KD temperature")
+    tail: bool = option(False, group="loss",
+                        help="add the teacher's probability mass outside its top-k as one extra KL bucket")
+    loss_impl: str = option("kernel", group="loss", choices=("kernel", "reference"),
+                            help="kernel: the compiled sparse KL op; reference: the pure-torch spec (slow; for checks)")
+
+    # evaluation, logging, checkpoints
+    eval_every: int = option(200, group="evaluation, logging, checkpoints", metavar="N", low=0,
+                             help="evaluate on the held-out slice every N steps, before the first and after the "
+                                  "last; 0 disables")
+    eval_fraction: float = option(0.02, group="evaluation, logging, checkpoints", metavar="X", low=0, high=1,
+                                  low_open=True, high_open=True,
+                                  help="fraction of store samples held out of training for evaluation, chosen by "
+                                       "--seed (at least one sample)")
+    save_every: int = option(500, group="evaluation, logging, checkpoints", metavar="N", low=0,
+                             help="checkpoint every N steps; one is always written at the end")
+    keep_checkpoints: int = option(2, group="evaluation, logging, checkpoints", metavar="N", low=0,
+                                   help="how many of the newest checkpoints to keep; 0 keeps all")
+    log_every: int = option(10, group="evaluation, logging, checkpoints", metavar="N", low=1,
+                            help="log every N steps")
+    stop_after: int | None = option(None, group="evaluation, logging, checkpoints", metavar="STEP", low=1,
+                                    help="stop after this global step with a checkpoint, keeping the schedule of "
+                                         "--steps (for jobs with a wall-time limit; continue with --resume)")
+
+    # misc
+    seed: int = option(0, group="misc", metavar="N", help="seed for shuffling, the held-out split and init")
+    workers: int = option(2, group="misc", metavar="N", low=0,
+                          help="DataLoader worker processes per training process for store decoding")
+    fsdp: bool = option(False, group="misc",
+                        help="shard the student with FSDP (fully_shard per decoder layer) instead of DDP")
 
     @property
     def warmup(self) -> int:
@@ -58,108 +125,131 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def build_parser(prog: str = "scripts/train.py") -> argparse.ArgumentParser:
-    d = TrainConfig("", "", "")
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Train a student against a teacher's top-k store with the sparse KL loss. Runs alone "
-        "or under torchrun (DDP, or FSDP with --fsdp); CUDA when available, else CPU with gloo.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    io = p.add_argument_group("inputs and outputs")
-    io.add_argument("--student", metavar="DIR", required=True,
-                    help="student: a local HF causal-LM directory (see `kdengine make-student`)")
-    io.add_argument("--store", metavar="DIR", required=True, help="top-k store directory written by `kdengine dump`")
-    io.add_argument("--out", metavar="DIR", required=True,
-                    help="run directory: metrics.jsonl, eval.jsonl, checkpoints/, final/")
-    io.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+@dataclass(frozen=True)
+class OptionSpec:
+    """One TrainConfig field as an option: its name, value type and `option()` metadata."""
 
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--steps", metavar="N", type=int, default=d.steps,
-                     help="optimizer steps in the whole run (default %(default)s)")
-    opt.add_argument("--lr", metavar="X", type=float, default=d.lr,
-                     help="peak AdamW learning rate (default %(default)s)")
-    opt.add_argument("--min-lr-ratio", metavar="X", type=float, default=d.min_lr_ratio,
-                     help="cosine decay ends at lr * this (default %(default)s)")
-    opt.add_argument("--warmup-steps", metavar="N", type=int, default=None,
-                     help="linear warmup steps (default: 5%% of --steps)")
-    opt.add_argument("--weight-decay", metavar="X", type=float, default=d.weight_decay,
-                     help="AdamW weight decay on matrices (default %(default)s)")
-    opt.add_argument("--max-grad-norm", metavar="X", type=float, default=d.max_grad_norm,
-                     help="clip the global gradient norm to this; 0 disables (default %(default)s)")
-    opt.add_argument("--batch-tokens", metavar="N", type=int, default=d.batch_tokens,
-                     help="padded tokens (batch size x longest sample) per micro-batch per process "
-                     "(default %(default)s)")
-    opt.add_argument("--grad-accum", metavar="N", type=int, default=d.grad_accum,
-                     help="micro-batches per process per optimizer step (default %(default)s)")
-    opt.add_argument("--grad-checkpointing", action="store_true",
-                     help="recompute activations in backward to save memory")
+    name: str
+    kind: type  # bool, int, float, str or list (of str)
+    optional: bool  # None is a valid value
+    required: bool
+    default: object
+    meta: dict
 
-    loss = p.add_argument_group("loss")
-    loss.add_argument("--alpha", metavar="X", type=float, default=d.alpha,
-                      help="loss = alpha * KD + (1 - alpha) * CE on the next token; 1 = pure KD, 0 = plain CE "
-                      "(default %(default)s)")
-    loss.add_argument("--temperature", metavar="X", type=float, default=d.temperature,
-                      help="KD temperature (default %(default)s)")
-    loss.add_argument("--tail", action="store_true",
-                      help="add the teacher's probability mass outside its top-k as one extra KL bucket")
-    loss.add_argument("--loss-impl", choices=["kernel", "reference"], default=d.loss_impl,
-                      help="kernel: the compiled sparse KL op; reference: the pure-torch spec (slow; for checks)")
-
-    run = p.add_argument_group("evaluation, logging, checkpoints")
-    run.add_argument("--eval-every", metavar="N", type=int, default=d.eval_every,
-                     help="evaluate on the held-out slice every N steps, before the first and after the last; "
-                     "0 disables (default %(default)s)")
-    run.add_argument("--eval-fraction", metavar="X", type=float, default=d.eval_fraction,
-                     help="fraction of store samples held out of training for evaluation, chosen by --seed "
-                     "(default %(default)s; at least one sample)")
-    run.add_argument("--save-every", metavar="N", type=int, default=d.save_every,
-                     help="checkpoint every N steps; one is always written at the end (default %(default)s)")
-    run.add_argument("--keep-checkpoints", metavar="N", type=int, default=d.keep_checkpoints,
-                     help="how many of the newest checkpoints to keep; 0 keeps all (default %(default)s)")
-    run.add_argument("--log-every", metavar="N", type=int, default=d.log_every,
-                     help="log every N steps (default %(default)s)")
-    run.add_argument("--stop-after", metavar="STEP", type=int, default=None,
-                     help="stop after this global step with a checkpoint, keeping the schedule of --steps "
-                     "(for jobs with a wall-time limit; continue with --resume)")
-
-    misc = p.add_argument_group("misc")
-    misc.add_argument("--seed", metavar="N", type=int, default=d.seed,
-                      help="seed for shuffling, the held-out split and init (default %(default)s)")
-    misc.add_argument("--workers", metavar="N", type=int, default=d.workers,
-                      help="DataLoader worker processes per training process for store decoding "
-                      "(default %(default)s)")
-    misc.add_argument("--fsdp", action="store_true",
-                      help="shard the student with FSDP (fully_shard per decoder layer) instead of DDP")
-    return p
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
 
-def parse_config(argv: list[str] | None, prog: str = "scripts/train.py") -> TrainConfig:
-    """Parses command-line arguments into a validated TrainConfig (argparse exits with a message on bad input)."""
-    parser = build_parser(prog)
-    args = parser.parse_args(argv)
-    cfg = TrainConfig(**{k.replace("-", "_"): v for k, v in vars(args).items()})
-    for problem in _problems(cfg):
-        parser.error(problem)
-    return cfg
+@cache
+def option_specs() -> tuple[OptionSpec, ...]:
+    """Every TrainConfig field as an OptionSpec, in declaration order."""
+    hints = typing.get_type_hints(TrainConfig)
+    specs = []
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = type(None) in typing.get_args(hint)
+        kind = typing.get_origin(args[0] if optional else hint) or (args[0] if optional else hint)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        specs.append(OptionSpec(f.name, kind, optional, default is dataclasses.MISSING, default, dict(f.metadata)))
+    return tuple(specs)
 
 
-def _problems(cfg: TrainConfig) -> list[str]:
+def spec_of(name: str) -> OptionSpec | None:
+    return {s.name: s for s in option_specs()}.get(name)
+
+
+def coerce(spec: OptionSpec, value):
+    """`value` (from a config file or JSON) as the field's type.
+
+    Raises:
+        ValueError: wrong type or out-of-range value; the message names the valid values.
+    """
+    if value is None:
+        if spec.optional:
+            return None
+        raise ValueError(f"needs {_type_name(spec)}, got null")
+    if spec.kind is bool:
+        ok = isinstance(value, bool)
+    elif spec.kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif spec.kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif spec.kind is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"needs {_type_name(spec)}, got {type(value).__name__} {value!r}")
+    problem = check_value(spec, value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def check_value(spec: OptionSpec, value) -> str | None:
+    """Why `value` is out of the field's range or choices, or None if it is fine."""
+    if value is None:
+        return None
+    m = spec.meta
+    if m["choices"] is not None:
+        bad = [v for v in (value if spec.kind is list else [value]) if v not in m["choices"]]
+        if bad:
+            return f"got {bad[0]!r}; valid choices: {', '.join(map(str, m['choices']))}"
+    if spec.kind in (int, float):
+        if spec.kind is float and not math.isfinite(value):
+            return f"must be a finite number{_range_text(m)}, got {value}"
+        too_low = m["low"] is not None and (value <= m["low"] if m["low_open"] else value < m["low"])
+        too_high = m["high"] is not None and (value >= m["high"] if m["high_open"] else value > m["high"])
+        if too_low or too_high:
+            return f"must be{_range_text(m)}, got {value}"
+    return None
+
+
+def cross_field_problems(cfg: TrainConfig) -> list[str]:
+    """Checks that involve more than one field (each field's own range is checked by `check_value`)."""
     checks = [
-        (cfg.steps >= 1, f"--steps must be >= 1, got {cfg.steps}"),
-        (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
-        (0 <= cfg.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}"),
-        (cfg.warmup_steps is None or 0 <= cfg.warmup_steps <= cfg.steps,
+        (cfg.warmup_steps is None or cfg.warmup_steps <= cfg.steps,
          f"--warmup-steps must be in [0, --steps={cfg.steps}], got {cfg.warmup_steps}"),
-        (cfg.batch_tokens >= 1, f"--batch-tokens must be >= 1, got {cfg.batch_tokens}"),
-        (cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}"),
-        (0 <= cfg.alpha <= 1, f"--alpha must be in [0, 1], got {cfg.alpha}"),
-        (cfg.temperature > 0, f"--temperature must be > 0, got {cfg.temperature}"),
-        (0 < cfg.eval_fraction < 1, f"--eval-fraction must be in (0, 1), got {cfg.eval_fraction}"),
-        (min(cfg.eval_every, cfg.save_every, cfg.keep_checkpoints, cfg.workers) >= 0,
-         "--eval-every, --save-every, --keep-checkpoints and --workers must be >= 0"),
-        (cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}"),
-        (cfg.stop_after is None or cfg.stop_after >= 1, f"--stop-after must be >= 1, got {cfg.stop_after}"),
     ]
     return [msg for ok, msg in checks if not ok]
+
+
+def _range_text(m: dict) -> str:
+    low, high = m["low"], m["high"]
+    if low is not None and high is not None:
+        return f" in {'(' if m['low_open'] else '['}{low:g}, {high:g}{')' if m['high_open'] else ']'}"
+    if low is not None:
+        return f" {'>' if m['low_open'] else '>='} {low:g}"
+    if high is not None:
+        return f" {'<' if m['high_open'] else '<='} {high:g}"
+    return ""
+
+
+def _type_name(spec: OptionSpec) -> str:
+    name = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list of strings"}[spec.kind]
+    return name + (" or null" if spec.optional else "")
+
+
+def write_config_yaml(path, cfg: TrainConfig) -> None:
+    """Writes the resolved config as YAML (atomically); `kdengine train --config PATH` repeats the run."""
+    from kdengine.config_file import write_config_file
+
+    write_config_file(path, cfg.to_dict(), header=(
+        "kdengine train: the resolved options of this run (command line > --config file > defaults).\n"
+        "Repeat it with: kdengine train --config THIS_FILE --out NEW_DIR"))

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdengine.train import checkpoint as ckpt_io
-from kdengine.train.config import TrainConfig
+from kdengine.train.config import TrainConfig, write_config_yaml
 from kdengine.train.data import BatchSchedule, DataPosition, collate, plan_batches, split_heldout
 from kdengine.train.distributed import all_reduce_sum, barrier, gather_objects, init_distributed, shutdown, wrap_model
 from kdengine.train.errors import TrainError
@@ -124,6 +124,8 @@ class Trainer:
         if resume_from is not None:
             self._load_training_state(resume_from)
         if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_config_yaml(self.out / "config.yaml", cfg)
             self._metrics = _MetricsLog(self.out, keep_through_step=self.step if resume_from else None)
             self._say(
                 f"{len(train_ids)} training samples, {len(self.eval_ids)} held out (seed {cfg.seed}); "
@@ -370,7 +372,7 @@ class Trainer:
                                        world=self.info.world, store_samples=self.store_samples,
                                        config=self.cfg.to_dict())
             path = ckpt_io.save_checkpoint(
-                self.out, state, write_model=lambda d: self._write_hf(d, hf_state), optimizer_state=optim_state,
+                self.out, state, write_model=lambda d: self._write_hf_and_config(d, hf_state), optimizer_state=optim_state,
                 scheduler_state=self.scheduler.state_dict(), rng_states=rngs, keep=self.cfg.keep_checkpoints,
             )
             self._say(f"saved {path}")
@@ -382,6 +384,10 @@ class Trainer:
                 tmp.rename(dest)
                 self._say(f"final model: {dest}")
         barrier(self.info)
+
+    def _write_hf_and_config(self, directory: Path, state: dict) -> None:
+        self._write_hf(directory, state)
+        write_config_yaml(directory / "config.yaml", self.cfg)
 
     def _write_hf(self, directory: Path, state: dict) -> None:
         self.hf_model.save_pretrained(directory, state_dict=state)
