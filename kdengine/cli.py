@@ -69,11 +69,15 @@ def eval_group():
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Dtype the weights are loaded in (GGUF weights are dequantized to it) "
                    "[default: hf: bf16 on cuda, fp32 on cpu; exl2: fp16].")
+@click.option("--cascade", type=click.Choice(["gsm8k", "original"]), default="gsm8k", show_default=True,
+              help="Answer extraction: gsm8k tries the dataset's '#### N' marker first, then the four rules of "
+                   "original (boxed, first line, answer phrase, last number), which reproduces the original "
+                   "study's scoring exactly.")
 @gpu_split_option
 @click.pass_context
-def eval_gsm8k(ctx, responses, model, log_dir, gpu_split, **model_options):
-    """Score GSM8K answers with the ordered extraction cascade (boxed, first line, answer phrase,
-    last number) and write reports to a log directory.
+def eval_gsm8k(ctx, responses, model, log_dir, gpu_split, cascade, **model_options):
+    """Score GSM8K answers with an ordered extraction cascade ('#### N', boxed, first line, answer
+    phrase, last number) and write reports to a log directory.
 
     \b
     Two modes:
@@ -91,15 +95,15 @@ def eval_gsm8k(ctx, responses, model, log_dir, gpu_split, **model_options):
             if given:
                 flags = ", ".join("--" + name.replace("_", "-") for name in given)
                 raise click.UsageError(f"{flags} only apply with --model; --responses scores the file as it is")
-            log_dir, report = evaluate_responses(responses, log_dir)
+            log_dir, report = evaluate_responses(responses, log_dir, cascade=cascade)
         else:
             if model_options["data"] is None:
                 raise click.UsageError("--model needs --data FILE.jsonl (GSM8K problems to answer)")
-            log_dir, report = evaluate_model(model, log_dir=log_dir, **model_options,
+            log_dir, report = evaluate_model(model, log_dir=log_dir, cascade=cascade, **model_options,
                                              backend_opts=backend_opts(model_options["backend"], gpu_split))
     except EvalError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"GSM8K accuracy {report['accuracy']:.2%} ({report['correct']}/{report['n']}); "
+    click.echo(f"GSM8K accuracy {report['accuracy']:.2%} ({report['correct']}/{report['n']}, cascade {cascade}); "
                f"{report['rules']['none']['count']} for manual review; reports in {log_dir}/")
 
 

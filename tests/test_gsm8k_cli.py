@@ -26,18 +26,23 @@ def _invoke(*args):
     return CliRunner().invoke(cli, ["eval", "gsm8k", *map(str, args)])
 
 
-def test_responses_mode_writes_all_reports(tmp_path):
+@pytest.mark.parametrize("cascade", ["gsm8k", "original", None])
+def test_responses_mode_writes_all_reports(tmp_path, cascade):
     responses = _write_jsonl(tmp_path / "outputs.jsonl", RESPONSES)
-    result = _invoke("--responses", responses, "--log-dir", tmp_path / "run")
+    result = _invoke("--responses", responses, "--log-dir", tmp_path / "run",
+                     *(["--cascade", cascade] if cascade else []))
     assert result.exit_code == 0, result.output
-    assert "GSM8K accuracy 66.67% (4/6)" in result.output
+    cascade = cascade or "gsm8k"
+    assert f"GSM8K accuracy 66.67% (4/6, cascade {cascade})" in result.output
 
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert (report["accuracy"], report["n"], report["correct"]) == (4 / 6, 6, 4)
+    assert (report["accuracy"], report["n"], report["correct"], report["cascade"]) == (4 / 6, 6, 4, cascade)
+    marker = {"hash_marker": {"count": 1, "correct": 1}} if cascade == "gsm8k" else {}
     assert report["rules"] == {
+        **marker,
         "boxed": {"count": 1, "correct": 1},
         "first_line": {"count": 1, "correct": 1},
-        "answer_phrase": {"count": 2, "correct": 2},
+        "answer_phrase": {"count": 2 - len(marker), "correct": 2 - len(marker)},
         "last_number": {"count": 1, "correct": 0},
         "none": {"count": 1, "correct": 0},
     }
@@ -50,7 +55,7 @@ def test_responses_mode_writes_all_reports(tmp_path):
         (2, 70000, 70000, "first_line", True),
         (3, 530, 540, "last_number", False),
         (4, -1, 20, "none", False),
-        (5, 64, 64, "answer_phrase", True),
+        (5, 64, 64, "hash_marker" if cascade == "gsm8k" else "answer_phrase", True),
     ]
     assert report["items"][0]["response"] == RESPONSES[0]["response"]
     # strict-match finds only "#### 64". flexible-extract takes the last number-like run: "18", "3" and
@@ -62,8 +67,8 @@ def test_responses_mode_writes_all_reports(tmp_path):
     assert review == [{"index": 4, "question": "Cups?", "reference": 20, "response": "I am not sure."}]
 
     markdown = (tmp_path / "run" / "report.md").read_text()
-    assert "**Accuracy: 66.67%** (4 / 6)" in markdown
-    assert "| answer_phrase | 2 | 2 | 100.0% |" in markdown
+    assert f"**Accuracy: 66.67%** (4 / 6), extraction cascade `{cascade}`" in markdown
+    assert f"| answer_phrase | {2 - len(marker)} | {2 - len(marker)} | 100.0% |" in markdown
     assert "### item 4 (reference 20)" in markdown and "I am not sure." in markdown
     assert "### item 3: reference 540, predicted 530 (`last_number`)" in markdown
 

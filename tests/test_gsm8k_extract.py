@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from kdengine.evals.gsm8k import RULES, extract_answer, find_numbers, is_correct, parse_number, parse_reference
+from kdengine.evals.gsm8k import extract_answer, rules, find_numbers, is_correct, parse_number, parse_reference
 from kdengine.evals.lm_eval_filters import INVALID, apply_filter, harness_correct
 
 
@@ -89,20 +89,23 @@ def test_values_are_ints_when_integral_and_compare_numerically():
     ("答案是 42。", (42, "first_line")),
     ("Janet’s ducks… 🦆\nElle vend 9 œufs à 2 € — soit 18 €", (18, "last_number")),
 ])
-def test_extract_answer(response, expected):
-    assert extract_answer(response) == expected
+@pytest.mark.parametrize("cascade", ["original", "gsm8k"])  # no '####' here: both cascades agree
+def test_extract_answer(response, expected, cascade):
+    assert extract_answer(response, cascade) == expected
 
 
 def test_rule_order_when_every_rule_matches():
     rules_apply = "First line 7\nThe answer is 8.\nSo \\boxed{9}. Finally 10"
-    assert extract_answer(rules_apply) == (9, "boxed")
+    assert extract_answer(rules_apply, "original") == (9, "boxed")
     without_box = rules_apply.replace("\\boxed{9}", "nine")
-    assert extract_answer(without_box) == (7, "first_line")
+    assert extract_answer(without_box, "original") == (7, "first_line")
     two_numbers_first = without_box.replace("First line 7", "First 6 then 7")
-    assert extract_answer(two_numbers_first) == (8, "answer_phrase")
+    assert extract_answer(two_numbers_first, "original") == (8, "answer_phrase")
     no_phrase = two_numbers_first.replace("The answer is 8.", "Maybe 8.")
-    assert extract_answer(no_phrase) == (10, "last_number")
-    assert [rule for rule in RULES] == ["boxed", "first_line", "answer_phrase", "last_number", "none"]
+    assert extract_answer(no_phrase, "original") == (10, "last_number")
+    assert rules("original") == ("boxed", "first_line", "answer_phrase", "last_number", "none")
+    assert extract_answer(rules_apply + "\n#### 11", "original") == (9, "boxed")
+    assert extract_answer(rules_apply + "\n#### 11", "gsm8k") == (11, "hash_marker")
 
 
 @pytest.mark.parametrize("name, text", [
@@ -117,10 +120,12 @@ def test_rule_order_when_every_rule_matches():
     ("phrase prefixes", "the answer " * 10_000),
     ("whitespace after 'the'", "the" + " " * 100_000),
     ("prose", "Janet has 3 apples and buys 4 more. " * 2_800),
+    ("hash markers", "#### " * 20_000),
 ])
 def test_long_responses_take_linear_time(name, text):
     start = time.perf_counter()
-    extract_answer(text)
+    extract_answer(text, "original")
+    extract_answer(text, "gsm8k")
     for filter_name in ("strict-match", "flexible-extract"):
         harness_correct(apply_filter(filter_name, text), "#### 18")
     assert time.perf_counter() - start < 2.0, f"{name}: {len(text)} characters took too long"

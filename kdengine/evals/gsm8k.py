@@ -1,7 +1,18 @@
 """GSM8K answer extraction and scoring: pure functions on strings, no I/O.
 
-Extraction (`extract_answer`) tries these rules in order; the first that yields a number wins:
+Extraction (`extract_answer`) runs one of two cascades (`CASCADES`), trying its rules in order; the
+first rule that yields a number wins:
 
+- ``gsm8k`` (the default): ``hash_marker``, then the four rules of ``original``. GSM8K's own worked
+  solutions, and the students trained on them, end with "#### N"; the other rules misread such an
+  answer when an earlier line holds one number (the first line "First, identify the lowest score,
+  which is 71 ..." reads as 71), so all 1319 GSM8K test solutions score right only with this rule.
+- ``original``: ``boxed``, ``first_line``, ``answer_phrase``, ``last_number``, exactly as the original
+  study ran them; use it to reproduce its published numbers.
+
+0. ``hash_marker`` (``gsm8k`` only): the first "####" that is followed, after optional spaces or tabs,
+   by a number (grammar below); that number. A "####" with no number right after it is skipped, and
+   when none has one the cascade goes on.
 1. ``boxed``: the first ``\\boxed{`` in the response, closed by its matching ``}`` (nested braces
    count). The first number inside it is the answer. A box that holds no number, or that is never
    closed, does not match and the cascade goes on (later boxes are not looked at).
@@ -44,7 +55,11 @@ from typing import Iterator
 
 import regex
 
-RULES = ("boxed", "first_line", "answer_phrase", "last_number", "none")
+CASCADES = {
+    "gsm8k": ("hash_marker", "boxed", "first_line", "answer_phrase", "last_number"),
+    "original": ("boxed", "first_line", "answer_phrase", "last_number"),
+}
+DEFAULT_CASCADE = "gsm8k"
 NO_ANSWER = -1
 Number = int | float
 
@@ -61,6 +76,7 @@ _NUMBER = regex.compile(
 )
 _ANSWER_PHRASE = regex.compile(r"\bthe\s++(?:(?:final|correct)\s++)?answer\s++is\b", regex.IGNORECASE)
 _BOX_OPEN = "\\boxed{"
+_HASH_MARKER = regex.compile(r"####[ \t]*+")
 
 
 class EvalError(Exception):
@@ -80,16 +96,31 @@ def parse_number(text: str) -> Number | None:
     return next(find_numbers(text), None)
 
 
-def extract_answer(response: str) -> tuple[Number, str]:
+def rules(cascade: str) -> tuple[str, ...]:
+    """The rules of `cascade` in the order they are tried, then "none" (what a report counts).
+
+    Raises:
+        ValueError: an unknown cascade name.
+    """
+    if cascade not in CASCADES:
+        raise ValueError(f"unknown cascade {cascade!r}; expected one of {', '.join(CASCADES)}")
+    return (*CASCADES[cascade], "none")
+
+
+def extract_answer(response: str, cascade: str = DEFAULT_CASCADE) -> tuple[Number, str]:
     """The model's final answer and the rule that found it.
 
     Args:
         response: the model's output, any length.
+        cascade: a name in `CASCADES` ("gsm8k": "#### N" first; "original": the study's four rules).
     Returns:
-        (value, rule): value is an int or float; rule is one of `RULES`. Rule "none" comes with -1.
+        (value, rule): value is an int or float; rule is one of `rules(cascade)`. Rule "none" comes
+        with -1.
+    Raises:
+        ValueError: an unknown cascade name.
     """
-    for rule, find in _CASCADE:
-        value = find(response)
+    for rule in rules(cascade)[:-1]:
+        value = _FINDERS[rule](response)
         if value is not None:
             return value, rule
     return NO_ANSWER, "none"
@@ -123,6 +154,14 @@ def _value(match: regex.Match) -> Number:
     if exact == exact.to_integral_value():
         return int(exact)
     return float(exact)
+
+
+def _hash_marker(response: str) -> Number | None:
+    for marker in _HASH_MARKER.finditer(response, overlapped=True):  # "##### 9": the marker at 1
+        number = _NUMBER.match(response, marker.end())
+        if number is not None:
+            return _value(number)
+    return None
 
 
 def _boxed(response: str) -> Number | None:
@@ -162,5 +201,5 @@ def _last_number(response: str) -> Number | None:
     return last
 
 
-_CASCADE = (("boxed", _boxed), ("first_line", _first_line), ("answer_phrase", _answer_phrase),
-            ("last_number", _last_number))
+_FINDERS = {"hash_marker": _hash_marker, "boxed": _boxed, "first_line": _first_line,
+            "answer_phrase": _answer_phrase, "last_number": _last_number}

@@ -1,8 +1,9 @@
 """Scoring a list of responses and writing the run's reports into its log directory.
 
 A log directory holds three files:
-- `report.json`: `accuracy` (a fraction in [0, 1]), `n`, `correct`, `rules` ({rule: {count,
-  correct}} for every rule of the cascade, in cascade order), `lm_eval` ({filter: {accuracy,
+- `report.json`: `accuracy` (a fraction in [0, 1]), `n`, `correct`, `cascade` (the extraction
+  cascade's name, gsm8k.CASCADES), `rules` ({rule: {count, correct}} for every rule of that cascade,
+  in cascade order, then "none"), `lm_eval` ({filter: {accuracy,
   correct, agreement}}: the harness's scoring of the same responses and the fraction of items on
   which its verdict equals ours), any run settings the caller passes (model mode: model, decoding
   settings, tokens_per_s, wall_s, ...), and `items` (one per input: index, prediction, reference,
@@ -21,7 +22,7 @@ from typing import Sequence
 
 from kdengine.durable import write_atomic
 from kdengine.evals.data import Problem
-from kdengine.evals.gsm8k import RULES, EvalError, Number, extract_answer, is_correct
+from kdengine.evals.gsm8k import DEFAULT_CASCADE, EvalError, Number, extract_answer, is_correct, rules
 from kdengine.evals.lm_eval_filters import FILTERS, apply_filter, harness_correct
 
 REPORT_FILES = ("report.json", "report.md", "manual_review.jsonl")
@@ -29,26 +30,28 @@ _WRONG_SHOWN = 5
 _RESPONSE_SHOWN = 1500  # characters of a response quoted in report.md
 
 
-def build_report(problems: Sequence[Problem], responses: Sequence[str], settings: dict | None = None) -> dict:
+def build_report(problems: Sequence[Problem], responses: Sequence[str], settings: dict | None = None, *,
+                 cascade: str = DEFAULT_CASCADE) -> dict:
     """Scores `responses[i]` against `problems[i]` with our cascade and with the harness's filters.
 
     Args:
         problems: the items, with their reference values.
         responses: one model output per problem.
         settings: run facts to record (model, decoding settings, timings); placed before `items`.
+        cascade: the extraction cascade, a name in gsm8k.CASCADES.
     Returns:
         The report.json content as a dict (layout in the module docstring).
     """
     if len(problems) != len(responses):
         raise ValueError(f"{len(problems)} problems but {len(responses)} responses")
     items = []
-    rules = {rule: {"count": 0, "correct": 0} for rule in RULES}
+    counts_by_rule = {rule: {"count": 0, "correct": 0} for rule in rules(cascade)}
     harness = {name: {"correct": 0, "agree": 0} for name in FILTERS}
     for index, (problem, response) in enumerate(zip(problems, responses)):
-        prediction, rule = extract_answer(response)
+        prediction, rule = extract_answer(response, cascade)
         correct = is_correct(prediction, rule, problem.reference)
-        rules[rule]["count"] += 1
-        rules[rule]["correct"] += correct
+        counts_by_rule[rule]["count"] += 1
+        counts_by_rule[rule]["correct"] += correct
         for name in FILTERS:
             verdict = harness_correct(apply_filter(name, response), problem.answer)
             harness[name]["correct"] += verdict
@@ -59,7 +62,8 @@ def build_report(problems: Sequence[Problem], responses: Sequence[str], settings
     correct_total = sum(item["correct"] for item in items)
     lm_eval = {name: {"accuracy": counts["correct"] / n, "correct": counts["correct"],
                       "agreement": counts["agree"] / n} for name, counts in harness.items()}
-    return {"accuracy": correct_total / n, "n": n, "correct": correct_total, "rules": rules,
+    return {"accuracy": correct_total / n, "n": n, "correct": correct_total, "cascade": cascade,
+            "rules": counts_by_rule,
             "lm_eval": lm_eval, **(settings or {}), "items": items}
 
 
@@ -100,14 +104,15 @@ def render_markdown(report: dict) -> str:
     that need manual review, the first few wrong items and (model mode) the first prompt."""
     items = report["items"]
     lines = [f"# GSM8K: {report.get('model') or report.get('responses_file', 'responses')}", "",
-             f"**Accuracy: {report['accuracy']:.2%}** ({report['correct']} / {report['n']})", ""]
+             f"**Accuracy: {report['accuracy']:.2%}** ({report['correct']} / {report['n']}), "
+             f"extraction cascade `{report['cascade']}`", ""]
     settings = {k: v for k, v in report.items()
-                if k not in ("accuracy", "n", "correct", "rules", "lm_eval", "items", "first_prompt")}
+                if k not in ("accuracy", "n", "correct", "cascade", "rules", "lm_eval", "items", "first_prompt")}
     if settings:
         lines += ["| setting | value |", "|---|---|"]
         lines += [f"| {key} | {_cell(value)} |" for key, value in settings.items()]
         lines.append("")
-    lines += ["## Extraction rules", "", "| rule | count | correct | accuracy |", "|---|---:|---:|---:|"]
+    lines += [f"## Extraction rules (cascade `{report['cascade']}`, tried in this order)", "", "| rule | count | correct | accuracy |", "|---|---:|---:|---:|"]
     for rule, counts in report["rules"].items():
         share = f"{counts['correct'] / counts['count']:.1%}" if counts["count"] else "-"
         lines.append(f"| {rule} | {counts['count']} | {counts['correct']} | {share} |")

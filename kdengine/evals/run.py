@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kdengine.evals.data import read_problems
 from kdengine.evals.generation import STOP, build_prompts, generate_all
-from kdengine.evals.gsm8k import EvalError
+from kdengine.evals.gsm8k import DEFAULT_CASCADE, EvalError
 from kdengine.evals.report import build_report, check_log_dir, write_report
 
 
@@ -20,12 +20,14 @@ def default_log_dir(name: str, when: datetime) -> Path:
     return Path("logs") / f"gsm8k-{slug}-{when.astimezone(timezone.utc):%Y%m%dT%H%M%SZ}"
 
 
-def evaluate_responses(responses_file: str | Path, log_dir: str | Path | None = None) -> tuple[Path, dict]:
+def evaluate_responses(responses_file: str | Path, log_dir: str | Path | None = None, *,
+                       cascade: str = DEFAULT_CASCADE) -> tuple[Path, dict]:
     """Scores a JSONL file of `question`, `answer`, `response` lines and writes the reports.
 
     Args:
         responses_file: the JSONL file.
         log_dir: where the reports go; default logs/gsm8k-<file stem>-<UTC timestamp>/.
+        cascade: the extraction cascade (gsm8k.CASCADES).
     Returns:
         (the log dir, the report as written to report.json).
     Raises:
@@ -36,7 +38,7 @@ def evaluate_responses(responses_file: str | Path, log_dir: str | Path | None = 
     log_dir = Path(log_dir) if log_dir is not None else default_log_dir(Path(responses_file).stem, started)
     check_log_dir(log_dir)
     report = build_report(problems, [problem.response for problem in problems],
-                          {"responses_file": str(responses_file)})
+                          {"responses_file": str(responses_file)}, cascade=cascade)
     write_report(log_dir, report, problems)
     return log_dir, report
 
@@ -45,7 +47,7 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
                    batch_size: int = 8, max_new_tokens: int = 512, chat: bool = False,
                    fewshot: str | Path | None = None, log_dir: str | Path | None = None,
                    device: str | None = None, dtype: str | None = None, backend_opts: dict | None = None,
-                   progress: bool = True) -> tuple[Path, dict]:
+                   progress: bool = True, cascade: str = DEFAULT_CASCADE) -> tuple[Path, dict]:
     """Generates greedy answers to the problems in `data` with `model`, scores them, writes the reports.
 
     Args:
@@ -65,6 +67,7 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
         fewshot: JSONL of GSM8K examples put before every question.
         log_dir: where the reports go; default logs/gsm8k-<model name>-<UTC timestamp>/.
         progress: show tqdm progress.
+        cascade: the extraction cascade (gsm8k.CASCADES).
     Returns:
         (the log dir, the report as written to report.json).
     Raises:
@@ -112,7 +115,7 @@ def evaluate_model(model: str, data: str | Path, *, backend: str = "hf", limit: 
         "generate_s": run.seconds,
         "first_prompt": first_prompt,
     }
-    report = build_report(problems, run.texts, settings)
+    report = build_report(problems, run.texts, settings, cascade=cascade)
     items = report.pop("items")  # wall_s goes before the long item list
     report["wall_s"] = time.perf_counter() - clock
     report["items"] = items
