@@ -5,6 +5,10 @@ Each template draws names, items and numbers, states the problem in one of sever
 writes a short worked solution that ends, as GSM8K's do, with `#### <answer>`. The numbers are drawn
 afresh for every problem, so a held-out split shares templates but not problems with the training
 split: memorising training answers does not pass it.
+
+Every answer is a whole, positive number that the question makes possible: nothing sold or given
+beyond what there is, no change larger than the payment, divisions that come out even
+(tests/test_demo_problems.py checks each worked step's arithmetic over many seeds).
 """
 from __future__ import annotations
 
@@ -147,7 +151,8 @@ def _minutes_total(rng: random.Random) -> Problem:
 
 def _remaining_after_sales(rng: random.Random) -> Problem:
     (_, items) = rng.choice(ITEMS)
-    start, morning, afternoon = rng.randint(50, 200), rng.randint(5, 40), rng.randint(5, 40)
+    morning, afternoon = rng.randint(5, 40), rng.randint(5, 40)
+    start = rng.randint(max(50, morning + afternoon + 1), 200)  # the store cannot sell more than it has
     q = (f"A store has {start} {items}. It sells {morning} in the morning and {afternoon} in the afternoon. "
          f"How many {items} are left?")
     sold = morning + afternoon

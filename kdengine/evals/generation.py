@@ -14,10 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from tqdm import tqdm
-
 from kdengine.evals.data import Problem
 from kdengine.evals.gsm8k import EvalError
+from kdengine.progress import TokenBar
 
 if TYPE_CHECKING:  # kdengine.teachers imports torch, which scoring a responses file never needs
     from kdengine.teachers.base import Prompt
@@ -69,13 +68,14 @@ def build_prompts(questions: Sequence[str], fewshot: Sequence[Problem] = (), *, 
 
 def generate_all(teacher, prompts: Sequence[Prompt], *, batch_size: int, max_new_tokens: int,
                  stop: Sequence[str] = STOP, progress: bool = True) -> GenerationRun:
-    """Greedy completions of `prompts`, `batch_size` at a time, with a tqdm bar showing tokens/s.
+    """Greedy completions of `prompts`, `batch_size` at a time, with a bar that moves every decoding
+    step and shows generated tokens/s (kdengine.progress.TokenBar).
 
     Prompts are batched longest first so that each batch pads little and an out-of-memory batch
     shows up at the start; the results come back in the order of `prompts`.
 
     Args:
-        teacher: an object with `generate(prompts, max_new_tokens=, stop=) -> list[Generation]`
+        teacher: an object with `generate(prompts, max_new_tokens=, stop=, on_step=) -> list[Generation]`
             (kdengine.teachers.base.Teacher).
         prompts: formatted prompts, text or token ids (build_prompts).
         batch_size: prompts per generate call.
@@ -87,14 +87,14 @@ def generate_all(teacher, prompts: Sequence[Prompt], *, batch_size: int, max_new
     texts: list[str] = [""] * len(prompts)
     new_tokens = [0] * len(prompts)
     start = time.perf_counter()
-    with tqdm(total=len(prompts), unit="problem", desc="generating", disable=not progress) as bar:
+    with TokenBar(len(prompts), max_new_tokens, desc="generating", disable=not progress) as bar:
         for first in range(0, len(order), batch_size):
             batch = order[first:first + batch_size]
-            generations = teacher.generate([prompts[i] for i in batch], max_new_tokens=max_new_tokens, stop=list(stop))
+            generations = teacher.generate([prompts[i] for i in batch], max_new_tokens=max_new_tokens, stop=list(stop),
+                                           on_step=bar.step)
             if len(generations) != len(batch):
                 raise RuntimeError(f"the teacher returned {len(generations)} completions for {len(batch)} prompts")
             for i, generation in zip(batch, generations):
                 texts[i], new_tokens[i] = generation.text, generation.new_tokens
-            bar.update(len(batch))
-            bar.set_postfix(tok_s=f"{sum(new_tokens) / (time.perf_counter() - start):.1f}")
+            bar.batch_done(len(batch), sum(g.new_tokens for g in generations))
     return GenerationRun(texts, new_tokens, time.perf_counter() - start)

@@ -8,7 +8,7 @@ it to generate greedily.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union
+from typing import Callable, Protocol, Sequence, Union
 
 import torch
 
@@ -50,7 +50,8 @@ class Teacher(Protocol):
         """
         ...
 
-    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, stop: Sequence[str] = (),
+                 on_step: Callable[[int], None] | None = None) -> list[Generation]:
         """Greedy continuations of already-formatted prompts, one batch, stopping at EOS or any `stop` string.
 
         Args:
@@ -59,6 +60,8 @@ class Teacher(Protocol):
                 for a chat prompt, which must not get a second BOS).
             max_new_tokens: at most this many tokens per prompt.
             stop: strings that end a completion; they are searched in the generated text only.
+            on_step: called as decoding goes with the number of tokens just generated (for a progress
+                bar, kdengine.progress.TokenBar.step); the calls of one batch add up to its new_tokens.
         Returns:
             One Generation per prompt, in order.
         """

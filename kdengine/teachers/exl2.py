@@ -22,7 +22,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -388,7 +388,8 @@ class Exl2Teacher:
         return out
 
 
-    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, stop: Sequence[str] = (),
+                 on_step: Callable[[int], None] | None = None) -> list[Generation]:
         """Greedy continuations with exllamav2's dynamic generator (see base.Teacher.generate).
 
         Text prompts are encoded with the transformers tokenizer (encoding.encode_text), so the model
@@ -433,7 +434,10 @@ class Exl2Teacher:
                 if result["stage"] != "streaming":
                     continue
                 i = result["identifier"]
-                tokens[i] += _result_token_ids(result)
+                streamed = _result_token_ids(result)
+                tokens[i] += streamed
+                if on_step is not None and streamed:
+                    on_step(len(streamed))
                 if result["eos"]:
                     counted[i] = result["new_tokens"]
         for i, (ids, n) in enumerate(zip(tokens, counted)):

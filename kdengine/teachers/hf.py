@@ -9,7 +9,7 @@ device.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -129,7 +129,8 @@ class HFTeacher:
         return out[..., :self.vocab_size] if self._model_vocab > self.vocab_size else out
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, stop: Sequence[str] = ()) -> list[Generation]:
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, stop: Sequence[str] = (),
+                 on_step: Callable[[int], None] | None = None) -> list[Generation]:
         """Greedy continuations, batched with left padding; see base.Teacher.generate."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -146,7 +147,7 @@ class HFTeacher:
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             mask[row, width - len(ids):] = 1
         check_batch(input_ids, mask.sum(1), self._model_vocab)
-        watch = _StopWatch(self.tokenizer, width, len(encoded), self._eos_ids, stop)
+        watch = _StopWatch(self.tokenizer, width, len(encoded), self._eos_ids, stop, on_step)
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                   eos_token_id=self._eos_ids or None, pad_token_id=self.tokenizer.pad_token_id)
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
@@ -165,10 +166,13 @@ class HFTeacher:
 class _StopWatch(StoppingCriteria):
     """A stopping criterion for `generate`: a row is finished when it emits an EOS id or its generated
     text comes to contain a stop string; `finished_at[row]` records after how many new tokens, and
-    `ended_by_eos[row]` whether the last of them is an EOS id."""
+    `ended_by_eos[row]` whether the last of them is an EOS id. `on_step(n)` hears of every step: n
+    rows were still running, so n tokens were generated."""
 
-    def __init__(self, tokenizer, prompt_width: int, batch: int, eos_ids: Sequence[int], stop: Sequence[str]):
+    def __init__(self, tokenizer, prompt_width: int, batch: int, eos_ids: Sequence[int], stop: Sequence[str],
+                 on_step: Callable[[int], None] | None = None):
         self._tokenizer = tokenizer
+        self._on_step = on_step
         self._prompt_width = prompt_width
         self._eos = set(eos_ids)
         self._stop = list(stop)
@@ -180,6 +184,8 @@ class _StopWatch(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         n_new = input_ids.shape[1] - self._prompt_width
+        if self._on_step is not None:
+            self._on_step(sum(f is None for f in self.finished_at))
         last = input_ids[:, -1].tolist()
         tails = input_ids[:, max(self._prompt_width, input_ids.shape[1] - self._window):].tolist()
         for row, done in enumerate(self.finished_at):
