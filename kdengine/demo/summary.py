@@ -6,17 +6,19 @@ from pathlib import Path
 
 from kdengine.durable import write_atomic
 
-LABELS = {"teacher": "teacher", "student_before": "student before", "student_after": "student after"}
-COLORS = {"teacher": "#4c72b0", "student_before": "#c44e52", "student_after": "#55a868"}
+LABELS = {"teacher": "teacher", "student_before": "student before", "student_ce": "CE student",
+          "student_after": "KD student"}
+COLORS = {"teacher": "#4c72b0", "student_before": "#c44e52", "student_ce": "#dd8452", "student_after": "#55a868"}
 
 
-def write_summary(out: Path, summary: dict, train_metrics: list[dict]) -> None:
+def write_summary(out: Path, summary: dict, train_metrics: dict[str, list[dict]]) -> None:
     """Writes summary.json, summary.md and summary.png into `out`.
 
     Args:
         out: the demo's output directory.
         summary: `run_demo`'s summary ({"models", "stages", "run"}).
-        train_metrics: the training run's metrics.jsonl records (step, loss, ...), for the loss curve.
+        train_metrics: {role: that training run's metrics.jsonl records (step, loss, kd, ce, ...)} for
+            the trained students, for the loss curves.
     """
     write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     write_atomic(out / "summary.md", summary_markdown(summary).encode("utf-8"))
@@ -29,19 +31,22 @@ def summary_markdown(summary: dict) -> str:
     student, train, dump, gsm8k = stages["student"], stages["train"], stages["dump"], stages["gsm8k"]
     layers = ",".join(map(str, student["teacher_layers"]))
     n = gsm8k["problems"]
+    baseline = ("A CE student, the same student trained on the same problems, steps and batches with plain "
+                "cross-entropy on the worked answers (no teacher), is the baseline. "
+                if "student_ce" in models else "")
     lines = [
         "# kdengine demo: a teacher distilled into a smaller student",
         "",
         f"Teacher `{stages['teacher']['source']}`. Student: {student['layers']} of its layers ({layers}), "
-        f"trained for {train['steps']} steps of sparse top-{dump['top_k']} KL on the teacher's store of "
-        f"{dump['samples']} generated word problems; scored on {n} held-out problems. "
+        f"trained for {train['steps']} steps of sparse top-{dump['top_k']} KL (the KD student) on the teacher's "
+        f"store of {dump['samples']} generated word problems; scored on {n} held-out problems. {baseline}"
         f"Device {run['device']}, {run['threads']} threads; total wall time {_duration(run['total_wall_s'])} "
         f"(1-minute load average {_load(run['load_average_start'])} at the start, "
         f"{_load(run['load_average_end'])} at the end).",
         "",
-        "| | teacher | student before | student after |",
-        "|---|---:|---:|---:|",
-        _row(f"GSM8K accuracy ({n} held-out, chat, greedy)", models,
+        "| | " + " | ".join(LABELS[role] for role in models) + " |",
+        "|---|" + "---:|" * len(models),
+        _row(f"GSM8K accuracy ({n} held-out, chat, greedy, cascade {gsm8k['cascade']})", models,
              lambda m: f"{m['gsm8k_accuracy']:.1%} ({m['gsm8k_correct']}/{m['gsm8k_n']})"),
         _row("KL to teacher (nats/position, full vocabulary)", models,
              lambda m: f"{m['kl_to_teacher']:.4f}", teacher="0 ¹"),
@@ -61,12 +66,26 @@ def summary_markdown(summary: dict) -> str:
         rate = record.get("tokens_per_s")
         lines.append(f"| {name} | {_duration(record['wall_s'])} | {'' if rate is None else f'{rate:,.0f}'} | "
                      f"{_stage_note(name, record)} |")
-    lines += [f"| total | {_duration(run['total_wall_s'])} | | |", "",
+    lines += [f"| total | {_duration(run['total_wall_s'])} | | |", ""]
+    if "student_ce" in models:
+        lines += [_verdict(models), ""]
+    lines += [
               f"Store: {dump['bytes_per_position']:.1f} bytes/position (top-{dump['top_k']}, codec "
               f"{dump['codec']}; {dump['bytes']:,} bytes for {dump['positions']:,} positions).", "",
               "GSM8K reports: " + ", ".join(f"{LABELS[role]} `{path}`" for role, path in gsm8k["reports"].items())
               + ".", ""]
     return "\n".join(lines)
+
+
+def _verdict(models: dict) -> str:
+    kd, ce = models["student_after"], models["student_ce"]
+    kl = "beats" if kd["kl_to_teacher"] < ce["kl_to_teacher"] else "does not beat"
+    top1 = "beats" if kd["top1_agreement"] > ce["top1_agreement"] else "does not beat"
+    return (f"KD vs CE on the held-out answers: the KD student {kl} the CE student on KL to the teacher "
+            f"({kd['kl_to_teacher']:.4f} vs {ce['kl_to_teacher']:.4f}) and {top1} it on top-1 agreement "
+            f"({kd['top1_agreement']:.3f} vs {ce['top1_agreement']:.3f}); perplexity "
+            f"{_number(kd['perplexity'])} vs {_number(ce['perplexity'])}; GSM8K {kd['gsm8k_correct']} vs "
+            f"{ce['gsm8k_correct']} of {kd['gsm8k_n']}.")
 
 
 def _stage_note(name: str, r: dict) -> str:
@@ -79,11 +98,13 @@ def _stage_note(name: str, r: dict) -> str:
                 f"{r['bytes_per_position']:.1f} bytes/position")
     if name == "student":
         return f"decoder layers copied from teacher layers {','.join(map(str, r['teacher_layers']))}"
-    if name == "train":
-        return (f"{r['steps']} steps x {r['batch_tokens']} batch tokens, lr {r['lr']:g}; "
-                f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}")
+    if name in ("train", "train_ce"):
+        kind = "sparse KL" if name == "train" else "cross-entropy" + (
+            ", the same batches as train" if r["same_batches_as_kd"] else ", NOT the same batches as train")
+        return (f"{r['steps']} steps x {r['batch_tokens']} batch tokens, {kind}, lr {r['lr']:g}; "
+                f"loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}; held-out store KD {r['store_heldout_kd']:.3f}")
     if name == "gsm8k":
-        return (f"3 models x {r['problems']} problems, batch {r['batch_size']}, at most {r['max_new_tokens']} "
+        return (f"{r['models']} models x {r['problems']} problems, batch {r['batch_size']}, at most {r['max_new_tokens']} "
                 f"new tokens; {r['new_tokens']:,} generated (tokens/s: generated)")
     if name == "heldout":
         return (f"{r['samples']} samples, {r['tokens']:,} tokens, {r['positions']:,} scored positions "
@@ -124,9 +145,15 @@ def _plot(path: Path, summary: dict, train_metrics: list[dict]) -> None:
                  fontsize=13)
 
     ax = axes[0, 0]
-    steps = [m["step"] for m in train_metrics]
-    ax.plot(steps, [m["loss"] for m in train_metrics], color=COLORS["student_after"], marker="o", markersize=3)
-    ax.set(title="training loss (sparse top-k KL)", xlabel="step", ylabel="nats / target position")
+    for role, metrics in train_metrics.items():
+        steps = [m["step"] for m in metrics]
+        ax.plot(steps, [m["kd"] for m in metrics], color=COLORS[role], marker="o", markersize=3,
+                label=f"{LABELS[role]}: KL to the store")
+        ax.plot(steps, [m["ce"] for m in metrics], color=COLORS[role], linestyle="--",
+                label=f"{LABELS[role]}: CE on the answers")
+    ax.set(title="training (KD student trains on the KL, CE student on the CE)", xlabel="step",
+           ylabel="nats / target position", yscale="log")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
 
     _bars(axes[0, 1], labels, [100 * models[r]["gsm8k_accuracy"] for r in roles], colors,
