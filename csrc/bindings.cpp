@@ -72,23 +72,31 @@ void check_rows(const at::Tensor& t, const char* name, const at::Tensor& logits,
   }
 }
 
-// alpha == 0 leaves only cross-entropy: the pass then runs at T = 1 without the tail bucket.
-double effective_temperature(double alpha, double temperature) { return alpha > 0.0 ? temperature : 1.0; }
+// Without KD (alpha == 0 and no KD part wanted) only cross-entropy is left: the pass then runs at
+// T = 1 without the tail bucket. The backward's dense pass needs T only for the KD term.
+double effective_temperature(bool with_kd, double temperature) { return with_kd ? temperature : 1.0; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& logits, const at::Tensor& topk_idx,
                                                        const at::Tensor& topk_logp,
                                                        const std::optional<at::Tensor>& labels, bool tail,
-                                                       double alpha, double temperature, int64_t ignore_index) {
+                                                       double alpha, double temperature, int64_t ignore_index,
+                                                       int64_t divergence, double beta,
+                                                       const std::optional<at::Tensor>& tempered_lse, bool parts) {
   check_logits(logits);
   const int64_t k = topk_idx.dim() == 2 ? topk_idx.size(1) : -1;
   CHECK_ARG(topk_idx.dim() == 2, "topk_idx", "2-D [N, K]", topk_idx.sizes());
   check_rows(topk_idx, "topk_idx", logits, at::kInt, k);
   check_rows(topk_logp, "topk_logp", logits, acc_type(logits), k);
-  const bool with_ce = alpha < 1.0;
-  CHECK_ARG(labels.has_value() || !with_ce, "labels", "given when alpha < 1", "None");
+  CHECK_ARG(labels.has_value() || alpha >= 1.0, "labels", "given when alpha < 1", "None");
+  const bool with_ce = alpha < 1.0 || (parts && labels.has_value());
+  const bool with_kd = alpha > 0.0 || parts;
   if (labels.has_value()) check_rows(*labels, "labels", logits, at::kLong, -1);
+  if (tempered_lse.has_value()) check_rows(*tempered_lse, "tempered_lse", logits, acc_type(logits), -1);
   CHECK_ARG(temperature > 0.0, "temperature", "> 0", temperature);
   CHECK_ARG(alpha >= 0.0 && alpha <= 1.0, "alpha", "in [0, 1]", alpha);
+  CHECK_ARG(divergence >= 0 && divergence <= 2, "divergence", "0 (fkl), 1 (rkl) or 2 (jsd)", divergence);
+  CHECK_ARG(beta > 0.0 && beta < 1.0, "beta", "in (0, 1)", beta);
+  CHECK_ARG(divergence == 0 || tail || !with_kd, "tail", "true for rkl and jsd", "false");
 
   const int64_t n = logits.size(0);
   auto opts = logits.options().dtype(acc_type(logits));
@@ -106,11 +114,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& logits,
   p.n_rows = n;
   p.vocab = logits.size(1);
   p.k = k;
-  p.temperature = effective_temperature(alpha, temperature);
+  p.temperature = effective_temperature(with_kd, temperature);
   p.alpha = alpha;
   p.ignore_index = ignore_index;
-  p.tail = tail && alpha > 0.0;
+  p.tail = tail && with_kd;
+  p.with_kd = with_kd;
   p.with_ce = with_ce;
+  p.divergence = static_cast<int32_t>(divergence);
+  p.beta = beta;
+  p.tempered_lse = tempered_lse.has_value() ? tempered_lse->data_ptr() : nullptr;
   p.loss_rows = loss_rows.data_ptr();
   p.row_stats = row_stats.data_ptr();
   p.topk_grad = topk_grad.data_ptr();
@@ -158,7 +170,7 @@ at::Tensor backward(const at::Tensor& grad_rows, const at::Tensor& logits, const
   p.n_rows = logits.size(0);
   p.vocab = logits.size(1);
   p.k = k;
-  p.temperature = effective_temperature(alpha, temperature);
+  p.temperature = effective_temperature(alpha > 0.0, temperature);
   p.alpha = alpha;
   p.ignore_index = ignore_index;
   p.with_ce = with_ce;

@@ -17,12 +17,16 @@ struct ForwardParams {
   const void* topk_logp;         // [N, K] contiguous, acc type
   const int64_t* labels;         // [N] or nullptr (every row counts)
   int64_t n_rows, vocab, k;
-  double temperature, alpha;     // alpha == 0 is passed with temperature 1 and tail off
+  double temperature, alpha;     // without KD the pass runs at temperature 1 with the tail off
   int64_t ignore_index;
   bool tail;                     // add the tail bucket to the KD term
-  bool with_ce;                  // alpha < 1: compute CE against labels
+  bool with_kd;                  // compute KD: alpha > 0, or its part is wanted for logging
+  bool with_ce;                  // compute CE against labels: alpha < 1, or its part is wanted
+  int32_t divergence;            // Divergence (sparse_kl_math.h): 0 fkl, 1 rkl, 2 jsd
+  double beta;                   // the jsd mixture weight
+  const void* tempered_lse;      // [N] acc type or nullptr: the teacher's c_T (exact tempered tail)
   void* loss_rows;               // out [N]: loss_row (0 for ignored rows)
-  void* row_stats;               // out [N, kRowStats]: lse_T, lse_1, c_rest
+  void* row_stats;               // out [N, kRowStats]: max, S_T, S_1, c_rest, KD part, CE part
   void* topk_grad;               // out [N, K]: c_top * q_k - p_k (the KD gradient at the top-k ids, / T)
 };
 

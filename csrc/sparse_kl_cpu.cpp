@@ -124,10 +124,11 @@ KD_INLINE void forward_row(const ForwardParams& p, int64_t r, int32_t* ids_buf) 
   const acc_t sum_t = p.tail ? st.s + topk_exp_sum(x, idx, K, V, scale2, shift_of(st.m, scale2), 0, 1, all) : st.s;
   const acc_t sum_1 = ce_separate ? st.s1 : sum_t;
   KDRow kd{0.0, 1.0};
-  if (p.alpha > 0.0) {
+  if (p.with_kd) {
     const double log_q_tail = p.tail ? std::log(static_cast<double>(st.s)) - std::log(static_cast<double>(sum_t)) : 0.0;
-    kd = kd_row(x, idx, logp, topk_grad, K, V, p.tail, p.temperature, st.m, log_sum(sum_t, st.m, scale2), log_q_tail,
-                0, 1, all);
+    const double lse = p.tempered_lse ? static_cast<double>(static_cast<const acc_t*>(p.tempered_lse)[r]) : NAN;
+    kd = kd_row(x, idx, logp, topk_grad, K, V, p.tail, p.temperature, static_cast<Divergence>(p.divergence), p.beta,
+                lse, st.m, log_sum(sum_t, st.m, scale2), log_q_tail, 0, 1, all);
   } else {
     std::fill(topk_grad, topk_grad + K, acc_t(0));
   }
@@ -138,6 +139,8 @@ KD_INLINE void forward_row(const ForwardParams& p, int64_t r, int32_t* ids_buf) 
   stats[kStatSumT] = sum_t;
   stats[kStatSum1] = sum_1;
   stats[kStatCRest] = static_cast<acc_t>(kd.c_rest);
+  stats[kStatKD] = static_cast<acc_t>(p.temperature * p.temperature * kd.kd);
+  stats[kStatCE] = static_cast<acc_t>(ce);
 }
 
 template <bool kCeSep, typename scalar_t, typename acc_t>

@@ -220,10 +220,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   const float sum_1 = kCeSep ? st.s1 : sum_t;
   const float* logp = static_cast<const float*>(p.topk_logp) + r * K;
   KDRow kd{0.0, 1.0};
-  if (p.alpha > 0.0) {
+  if (p.with_kd) {
     const double log_q_tail = kTail ? log(static_cast<double>(st.s)) - log(static_cast<double>(sum_t)) : 0.0;
-    kd = kd_row(x, idx, logp, topk_grad, K, V, kTail, p.temperature, st.m, log_sum(sum_t, st.m, scale2), log_q_tail,
-                lane, 32, all);
+    const double lse = p.tempered_lse ? static_cast<double>(static_cast<const float*>(p.tempered_lse)[r]) : NAN;
+    kd = kd_row(x, idx, logp, topk_grad, K, V, kTail, p.temperature, static_cast<Divergence>(p.divergence), p.beta, lse,
+                st.m, log_sum(sum_t, st.m, scale2), log_q_tail, lane, 32, all);
   } else {
     for (int64_t k = lane; k < K; k += 32) topk_grad[k] = 0.f;
   }
@@ -235,6 +236,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
     stats[kStatSumT] = sum_t;
     stats[kStatSum1] = sum_1;
     stats[kStatCRest] = static_cast<float>(kd.c_rest);
+    stats[kStatKD] = static_cast<float>(p.temperature * p.temperature * kd.kd);
+    stats[kStatCE] = static_cast<float>(ce);
   }
 }
 

@@ -195,47 +195,130 @@ KD_HD acc_t topk_exp_sum(const scalar_t* x, const int32_t* idx, int64_t k, int64
 }
 
 struct KDRow {
-  double kd;      // sum over buckets of p (log p - log q), before the T^2 factor
-  double c_rest;  // see TailCoefs
+  double kd;      // D, the divergence over the buckets, before the T^2 factor
+  double c_rest;  // the coefficient of T q_j in d KD / d x_j off the top-k ids (see TailCoefs)
 };
 
-// The KD part of a row from the student's max m and ln S_T (and, with the tail, ln q_tail before
-// the clamp): teacher buckets z_k = logp_k / T (+ z_tail) normalised in double, the KL sum, and
-// this thread's share of topk_grad[k] = c_top q_k - p_k.
-template <typename acc_t, typename scalar_t, typename Combine>
-KD_HD KDRow kd_row(const scalar_t* x, const int32_t* idx, const acc_t* logp, acc_t* topk_grad, int64_t k, int64_t vocab,
-                   bool tail, double temperature, double m, double ln_sum_t, double log_q_tail_raw, int64_t first,
-                   int64_t stride, const Combine& all) {
-  const double inv_t = 1.0 / temperature;
+// The divergence D over the buckets (reference.py has the definitions and the gradient derivation).
+enum class Divergence : int32_t { kFKL = 0, kRKL = 1, kJSD = 2 };
+
+// One bucket's term d of D and g_over_q = (dD / d log q_b) / q_b, for rkl and jsd:
+//   rkl  d = q (log q - log p),                                   g / q = log q - log p + 1
+//   jsd  d = beta p log(p / m) + (1 - beta) q log(q / m),          g / q = (1 - beta) log(q / m)
+// with m = beta p + (1 - beta) q taken in log space; an empty bucket (q = 0) adds nothing.
+struct BucketTerm {
+  double d;
+  double g_over_q;
+};
+
+KD_HD double log_add_exp(double a, double b) {
+  const double hi = a > b ? a : b, lo = a > b ? b : a;
+  return hi == -INFINITY ? -INFINITY : hi + log1p(exp(lo - hi));
+}
+
+KD_HD BucketTerm bucket_term(Divergence div, double beta, double log_p, double log_q) {
+  const double q = exp(log_q);
+  if (div == Divergence::kRKL) {
+    if (!(q > 0.0)) return {0.0, 0.0};
+    const double r = log_q - log_p;
+    return {q * r, r + 1.0};
+  }
+  const double p = exp(log_p);
+  const double log_m = log_add_exp(log_p + log(beta), log_q + log1p(-beta));
+  const double kl_q = q > 0.0 ? q * (log_q - log_m) : 0.0;
+  return {beta * kl_term(p, log_p, log_m) + (1.0 - beta) * kl_q, q > 0.0 ? (1.0 - beta) * (log_q - log_m) : 0.0};
+}
+
+// The teacher buckets of a row: z_k = logp_k / T - shift, normalised in double. Without c_T
+// (lse NaN) shift = 0 and z_tail = ln(1 - sum_k exp(logp_k)) / T (the tail taken as one token);
+// with it (the exact tempered teacher) shift = c_T and z_tail = ln(1 - sum_k exp(z_k)).
+struct TeacherRow {
+  double shift, z_max, log_z, log_p_tail, p_tail;
+};
+
+template <typename acc_t, typename Combine>
+KD_HD TeacherRow teacher_row(const acc_t* logp, int64_t k, bool tail, double inv_t, double lse, int64_t first,
+                             int64_t stride, const Combine& all) {
+  const bool exact = tail && lse == lse;
+  const double shift = exact ? lse : 0.0;
   double z_max = -INFINITY, mass = 0.0;
   for (int64_t i = first; i < k; i += stride) {
     const double lp = static_cast<double>(logp[i]);
-    z_max = lp * inv_t > z_max ? lp * inv_t : z_max;
-    mass += exp(lp);
+    const double z = lp * inv_t - shift;
+    z_max = z > z_max ? z : z_max;
+    mass += exact ? exp(z) : exp(lp);
   }
   z_max = all.max(z_max);
   mass = all.sum(mass);
-  const double z_tail = tail ? teacher_tail_logit(mass, inv_t) : -INFINITY;
+  double z_tail = -INFINITY;
+  if (tail) {
+    const double rest = 1.0 - mass;
+    z_tail = exact ? log(rest > kTailMin ? rest : kTailMin) : teacher_tail_logit(mass, inv_t);
+  }
   z_max = z_tail > z_max ? z_tail : z_max;
   double z_sum = 0.0;
-  for (int64_t i = first; i < k; i += stride) z_sum += exp(static_cast<double>(logp[i]) * inv_t - z_max);
+  for (int64_t i = first; i < k; i += stride) z_sum += exp(static_cast<double>(logp[i]) * inv_t - shift - z_max);
   z_sum = all.sum(z_sum) + (tail ? exp(z_tail - z_max) : 0.0);
   const double log_z = log(z_sum);
   const double log_p_tail = z_tail - z_max - log_z;
-  const double p_tail = tail ? exp(log_p_tail) : 0.0;
-  const TailCoefs coefs = tail_coefs(tail, p_tail, log_p_tail, log_q_tail_raw);
-  double kd = 0.0;
-  for (int64_t i = first; i < k; i += stride) {
+  return {shift, z_max, log_z, log_p_tail, tail ? exp(log_p_tail) : 0.0};
+}
+
+// The KD part of a row from the student's max m and ln S_T (and, with the tail, ln q_tail before
+// the clamp): D and this thread's share of topk_grad[k] = (d KD / d x_{i_k}) / T, that is
+// c_top q_k - p_k for fkl and g_k - q_k G for rkl and jsd (reference.py).
+template <typename acc_t, typename scalar_t, typename Combine>
+KD_HD KDRow kd_row(const scalar_t* x, const int32_t* idx, const acc_t* logp, acc_t* topk_grad, int64_t k, int64_t vocab,
+                   bool tail, double temperature, Divergence div, double beta, double lse, double m, double ln_sum_t,
+                   double log_q_tail_raw, int64_t first, int64_t stride, const Combine& all) {
+  const double inv_t = 1.0 / temperature;
+  const TeacherRow t = teacher_row(logp, k, tail, inv_t, lse, first, stride, all);
+  auto log_q_at = [&](int64_t i) {
     const int32_t id = idx[i];
-    const double log_q = (id >= 0 && id < vocab) ? (to_acc<double>(to_acc<acc_t>(x[id])) - m) * inv_t - ln_sum_t : NAN;
-    const double log_p = static_cast<double>(logp[i]) * inv_t - z_max - log_z;
-    const double p_k = exp(log_p);
-    kd += kl_term(p_k, log_p, log_q);
-    topk_grad[i] = static_cast<acc_t>(coefs.c_top * exp(log_q) - p_k);
+    return (id >= 0 && id < vocab) ? (to_acc<double>(to_acc<acc_t>(x[id])) - m) * inv_t - ln_sum_t : NAN;
+  };
+  auto log_p_at = [&](int64_t i) { return static_cast<double>(logp[i]) * inv_t - t.shift - t.z_max - t.log_z; };
+  if (div == Divergence::kFKL) {
+    const TailCoefs coefs = tail_coefs(tail, t.p_tail, t.log_p_tail, log_q_tail_raw);
+    double kd = 0.0;
+    for (int64_t i = first; i < k; i += stride) {
+      const double log_q = log_q_at(i);
+      const double log_p = log_p_at(i);
+      const double p_k = exp(log_p);
+      kd += kl_term(p_k, log_p, log_q);
+      topk_grad[i] = static_cast<acc_t>(coefs.c_top * exp(log_q) - p_k);
+    }
+    kd = all.sum(kd);
+    if (tail) kd += kl_term(t.p_tail, t.log_p_tail, coefs.log_q_tail);
+    return {kd, coefs.c_rest};
   }
-  kd = all.sum(kd);
-  if (tail) kd += kl_term(p_tail, log_p_tail, coefs.log_q_tail);
-  return {kd, coefs.c_rest};
+  // rkl / jsd: D and G = sum_b g_b first, then g_k - q_k G. A clamped student tail is a constant (g_tail = 0).
+  double d = 0.0, g_sum = 0.0;
+  for (int64_t i = first; i < k; i += stride) {
+    const double log_q = log_q_at(i);
+    const BucketTerm b = bucket_term(div, beta, log_p_at(i), log_q);
+    d += b.d;
+    g_sum += exp(log_q) * b.g_over_q;
+  }
+  d = all.sum(d);
+  g_sum = all.sum(g_sum);
+  double g_tail_over_q = 0.0;
+  if (tail) {
+    const bool clamped = !(log_q_tail_raw >= kLogTailMin);
+    const double log_q_tail = clamped ? kLogTailMin : log_q_tail_raw;
+    const BucketTerm b = bucket_term(div, beta, t.log_p_tail, log_q_tail);
+    d += b.d;
+    if (!clamped) {
+      g_tail_over_q = b.g_over_q;
+      g_sum += exp(log_q_tail) * b.g_over_q;
+    }
+  }
+  for (int64_t i = first; i < k; i += stride) {
+    const double log_q = log_q_at(i);
+    const BucketTerm b = bucket_term(div, beta, log_p_at(i), log_q);
+    topk_grad[i] = static_cast<acc_t>(exp(log_q) * (b.g_over_q - g_sum));
+  }
+  return {d, g_tail_over_q - g_sum};
 }
 
 // CE_row = lse_1 - x_label = (m - x_label) + ln S_1.
@@ -244,10 +327,11 @@ KD_HD double row_ce(acc_t m, double x_label, acc_t sum_1) {
   return (static_cast<double>(m) - x_label) + log_sum(static_cast<double>(sum_1), m, exp_scale<acc_t>(1.0));
 }
 
-// Row stats saved by the forward for the backward, per row: the max m of the raw logits, the sums
-// S_T and S_1 against the shifts of m (S_1 = S_T when T = 1), and c_rest.
-constexpr int kRowStats = 4;
-enum RowStat { kStatMax = 0, kStatSumT = 1, kStatSum1 = 2, kStatCRest = 3 };
+// Row stats written by the forward, per row: the max m of the raw logits, the sums S_T and S_1
+// against the shifts of m (S_1 = S_T when T = 1), and c_rest (for the backward); then the row's KD
+// part T^2 D and CE part (for logging: 0 where they were not computed, and for ignored rows).
+constexpr int kRowStats = 6;
+enum RowStat { kStatMax = 0, kStatSumT = 1, kStatSum1 = 2, kStatCRest = 3, kStatKD = 4, kStatCE = 5 };
 
 // Coefficients of the dense part of dL/dx_j for a row with weight w (the upstream gradient of its
 // loss): dL/dx_j = a 2^(x_j scale2 - sh) + b 2^(x_j log2e - sh1) off the top-k ids and the label,

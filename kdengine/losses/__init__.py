@@ -2,7 +2,8 @@
 with the pure-torch reference in `kdengine.losses.reference`; `sampled_kl` for sampled teacher targets (RS-KD),
 its reference and proof in `kdengine.losses.sampled_reference`."""
 from .module import SparseKLLoss
+from .reference import SparseKLOutput
 from .sampled_kl import SampledKLError, sampled_kl
 from .sparse_kl import SparseKLError, sparse_kl
 
-__all__ = ["sparse_kl", "SparseKLLoss", "SparseKLError", "sampled_kl", "SampledKLError"]
+__all__ = ["sparse_kl", "SparseKLLoss", "SparseKLError", "SparseKLOutput", "sampled_kl", "SampledKLError"]

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch.autograd.function import once_differentiable
 
-from .reference import sparse_kl_reference
+from .reference import DIVERGENCES, SparseKLOutput, sparse_kl_reference
 
 REDUCTIONS = ("mean", "sum", "none")
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -35,12 +35,19 @@ def sparse_kl(
     temperature: float = 1.0,
     ignore_index: int = -100,
     reduction: str = "mean",
-) -> torch.Tensor:
-    """Forward KL from the teacher's top-k distribution to the student's softmax, mixed with CE.
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    tempered_lse: torch.Tensor | None = None,
+    return_parts: bool = False,
+) -> torch.Tensor | SparseKLOutput:
+    """A divergence between the teacher's top-k distribution and the student's softmax, mixed with CE.
 
-    Per row: KD = T^2 * sum_b p_b (log p_b - log q_b) over the K teacher buckets (plus the tail
-    bucket when `tail`), CE = -log_softmax(logits)[label] at T = 1, loss = alpha KD + (1 - alpha) CE.
-    Full definition and gradient: kdengine/losses/reference.py. Dims: N rows, V vocab, K top-k.
+    Per row, over the K teacher buckets (plus the tail bucket when `tail`), with p the teacher's and
+    q the student's bucket probabilities at temperature T: KD = T^2 D(p, q) with D forward KL
+    sum_b p_b log(p_b / q_b) ("fkl"), reverse KL sum_b q_b log(q_b / p_b) ("rkl"), or the generalized
+    JSD beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q ("jsd"); CE =
+    -log_softmax(logits)[label] at T = 1; loss = alpha KD + (1 - alpha) CE. Full definitions and the
+    gradient: kdengine/losses/reference.py. Dims: N rows, V vocab, K top-k.
 
     Args:
         logits: float32/bfloat16/float16 [N, V] (float64 on CPU), the student's logits, on CPU or
@@ -52,59 +59,92 @@ def sparse_kl(
         labels: int64/int32 [N] or None. Rows equal to `ignore_index` contribute 0 loss and 0
             gradient; other labels must be in [0, V). None: every row counts. Required if alpha < 1.
         tail: add a bucket for the teacher's mass outside its top-k (1 - sum_k exp(logp_k)) against
-            the student's mass outside those ids.
+            the student's mass outside those ids. Required by "rkl" and "jsd".
         alpha: in [0, 1], weight of the KD term.
-        temperature: T > 0 for the KD term (CE stays at T = 1); KD is scaled by T^2.
+        temperature: T > 0 for the KD term (CE stays at T = 1); KD is scaled by T^2. With the tail
+            and T != 1, pass `tempered_lse` for the exact tempered tail; without it the tail mass
+            is tempered as if it were one token (an approximation that understates it for T > 1).
         ignore_index: label value marking rows to ignore.
         reduction: "mean" over counted rows (0 when none count), "sum", or "none".
+        divergence: "fkl" (default; today's loss bit for bit), "rkl" or "jsd".
+        beta: the jsd mixture weight, in (0, 1) (TRL's generalized JSD convention); checked always,
+            used by "jsd" only.
+        tempered_lse: float32 [N] or None: c_T = logsumexp over the teacher's full vocabulary of
+            logp / T, the store's per-position quantity for this T (`kdengine dump --temperatures`).
+            Only the tail bucket uses it (without the tail it cancels).
+        return_parts: return SparseKLOutput(loss, kd, ce): kd = T^2 D and ce, reduced like the loss
+            and detached (for logging; ce is None without labels). They come from the same kernel
+            pass; asking for a part that alpha weighs by 0 makes the pass compute it.
 
     Returns:
-        float32 (float64 for float64 logits): a scalar, or [N] for reduction="none" (ignored rows 0).
+        float32 (float64 for float64 logits): a scalar, or [N] for reduction="none" (ignored rows 0);
+        a SparseKLOutput of those with `return_parts`.
 
     Raises:
         SparseKLError (a ValueError), before any result is returned, for: wrong shapes, dtypes or
         devices; K > V; ids outside [0, V) or repeated within a row; NaN/+inf in topk_logp; labels
         outside [0, V); alpha outside [0, 1] or < 1 without labels; temperature <= 0; an unknown
-        reduction; logits rows with NaN/+inf (or no finite entry) among the counted rows. The data
-        checks cost one host-device sync per call; NaN in the logits is detected by the kernel's own
-        per-row statistics rather than by another read of the [N, V] logits.
+        reduction or divergence; beta outside (0, 1); "rkl"/"jsd" without the tail; a non-finite
+        tempered_lse in a counted row; logits rows with NaN/+inf (or no finite entry) among the
+        counted rows. The data checks cost one host-device sync per call; NaN in the logits is
+        detected by the kernel's own per-row statistics rather than by another read of the [N, V] logits.
     """
-    _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction)
+    _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction,
+                divergence, beta, tempered_lse)
     if logits.stride(1) != 1 and logits.shape[1] > 1:
         logits = logits.contiguous()  # the kernels stream rows; row-strided views need no copy
     if labels is not None:
         labels = labels.long()
-    checks = _DataChecks(logits, topk_idx, topk_logp, labels, tail, ignore_index)
+    checks = _DataChecks(logits, topk_idx, topk_logp, labels, tail, ignore_index, tempered_lse)
     ext = _extension_for(logits.device)
     if ext is None:
         checks.raise_if_invalid(bad_logit_rows=_bad_rows_by_torch(logits, checks.counted))
-        loss_rows = sparse_kl_reference(
+        out = sparse_kl_reference(
             logits, topk_idx, topk_logp, labels,
             tail=tail, alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction="none",
+            divergence=divergence, beta=beta, tempered_lse=tempered_lse, return_parts=True,
         )
+        loss_rows, kd_rows, ce_rows = out
     else:
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        loss_rows = _SparseKLFunction.apply(
+        loss_rows, row_stats = _SparseKLFunction.apply(
             logits,
             topk_idx.to(torch.int32).contiguous(),
             topk_logp.to(acc).contiguous(),
             None if labels is None else labels.contiguous(),
+            None if tempered_lse is None else tempered_lse.to(acc).contiguous(),
             checks, ext, tail, float(alpha), float(temperature), int(ignore_index),
+            DIVERGENCES.index(divergence), float(beta), return_parts,
         )
+        kd_rows, ce_rows = row_stats[:, _STAT_KD], None if labels is None else row_stats[:, _STAT_CE]
+    loss = _reduce(loss_rows, reduction, checks.count)
+    if not return_parts:
+        return loss
+    return SparseKLOutput(loss, _reduce(kd_rows.detach(), reduction, checks.count),
+                          None if ce_rows is None else _reduce(ce_rows.detach(), reduction, checks.count))
+
+
+_STAT_KD, _STAT_CE = 4, 5  # columns of the kernels' row_stats (csrc/sparse_kl_math.h, RowStat)
+
+
+def _reduce(rows: torch.Tensor, reduction: str, count) -> torch.Tensor:
     if reduction == "none":
-        return loss_rows
+        return rows
     if reduction == "sum":
-        return loss_rows.sum()
-    return loss_rows.sum() / checks.count
+        return rows.sum()
+    return rows.sum() / count
 
 
 class _SparseKLFunction(torch.autograd.Function):
-    """loss_rows [N] = the per-row loss; the kernels do all the work."""
+    """(loss_rows [N], row_stats [N, 6]): the per-row loss, and the kernels' per-row statistics
+    (not differentiable; columns 4 and 5 are the KD and CE parts); the kernels do all the work."""
 
     @staticmethod
-    def forward(ctx, logits, topk_idx, topk_logp, labels, checks, ext, tail, alpha, temperature, ignore_index):
+    def forward(ctx, logits, topk_idx, topk_logp, labels, tempered_lse, checks, ext, tail, alpha, temperature,
+                ignore_index, divergence, beta, parts):
         loss_rows, row_stats, topk_grad = ext.forward(
-            logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index
+            logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, divergence, beta,
+            tempered_lse, parts,
         )
         # row_stats[:, 0] is the row max, [:, 1] the sum of exps against it: a NaN/+inf logit or a
         # row with no finite logit shows there, at no extra pass over the logits.
@@ -114,11 +154,12 @@ class _SparseKLFunction(torch.autograd.Function):
         ctx.ext = ext
         ctx.params = (alpha, temperature, ignore_index)
         ctx.save_for_backward(logits, topk_idx, labels, row_stats, topk_grad)
-        return loss_rows
+        ctx.mark_non_differentiable(row_stats)
+        return loss_rows, row_stats
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_rows):
+    def backward(ctx, grad_rows, _grad_stats):
         logits, topk_idx, labels, row_stats, topk_grad = ctx.saved_tensors
         grad_logits = None
         if ctx.needs_input_grad[0]:
@@ -126,7 +167,7 @@ class _SparseKLFunction(torch.autograd.Function):
             # (mean/sum) or a vector one (reduction="none") costs the same single pass.
             grad_rows = grad_rows.to(row_stats.dtype).contiguous()
             grad_logits = ctx.ext.backward(grad_rows, logits, topk_idx, labels, row_stats, topk_grad, *ctx.params)
-        return grad_logits, None, None, None, None, None, None, None, None, None
+        return (grad_logits,) + (None,) * 13
 
 
 def _fail(message: str):
@@ -137,7 +178,8 @@ def _describe(t: torch.Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} on {t.device}"
 
 
-def _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction):
+def _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction,
+                divergence="fkl", beta=0.5, tempered_lse=None):
     """Shape, dtype, device and option checks: metadata only, no device work."""
     for name, t in (("logits", logits), ("topk_idx", topk_idx), ("topk_logp", topk_logp)):
         if not isinstance(t, torch.Tensor):
@@ -158,15 +200,21 @@ def _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, i
         if not isinstance(labels, torch.Tensor) or labels.dtype not in _IDX_DTYPES or labels.shape != (n,):
             got = _describe(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
             _fail(f"labels must be int64 [N] with N = {n} (or None), got {got}")
-    for name, t in (("topk_idx", topk_idx), ("topk_logp", topk_logp), ("labels", labels)):
+    if tempered_lse is not None:
+        if (not isinstance(tempered_lse, torch.Tensor) or tempered_lse.shape != (n,)
+                or tempered_lse.dtype not in (torch.float32, torch.float64)):
+            got = _describe(tempered_lse) if isinstance(tempered_lse, torch.Tensor) else type(tempered_lse).__name__
+            _fail(f"tempered_lse must be float32 [N] with N = {n} (or None), got {got}")
+    for name, t in (("topk_idx", topk_idx), ("topk_logp", topk_logp), ("labels", labels),
+                    ("tempered_lse", tempered_lse)):
         if t is not None and t.device != logits.device:
             _fail(f"{name} must be on the logits' device {logits.device}, got {t.device}")
-    _check_options(tail, alpha, temperature, ignore_index, reduction)
+    _check_options(tail, alpha, temperature, ignore_index, reduction, divergence, beta)
     if alpha < 1 and labels is None:
         _fail(f"alpha = {alpha} < 1 mixes in cross-entropy, which needs labels; pass labels or use alpha=1")
 
 
-def _check_options(tail, alpha, temperature, ignore_index, reduction):
+def _check_options(tail, alpha, temperature, ignore_index, reduction, divergence="fkl", beta=0.5):
     """The non-tensor options (also checked when a SparseKLLoss module is built)."""
     if not isinstance(tail, bool):
         _fail(f"tail must be a bool, got {tail!r}")
@@ -178,6 +226,13 @@ def _check_options(tail, alpha, temperature, ignore_index, reduction):
         _fail(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:
         _fail(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if divergence not in DIVERGENCES:
+        _fail(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
+    if not isinstance(beta, numbers.Real) or not 0 < beta < 1:
+        _fail(f"beta must be a number in (0, 1) (the jsd mixture weight), got {beta!r}")
+    if divergence != "fkl" and not tail:
+        _fail(f"divergence={divergence!r} needs tail=True: without the tail bucket the student's mass outside "
+              f"the teacher's top-k is invisible to a reverse divergence")
 
 
 class _DataChecks:
@@ -185,7 +240,7 @@ class _DataChecks:
     sync; `raise_if_invalid` adds the logits check and syncs once. Details (the first bad row) are
     computed only on failure."""
 
-    def __init__(self, logits, topk_idx, topk_logp, labels, tail, ignore_index):
+    def __init__(self, logits, topk_idx, topk_logp, labels, tail, ignore_index, tempered_lse=None):
         self.vocab = logits.shape[1]
         self.topk_idx, self.topk_logp, self.labels = topk_idx, topk_logp, labels
         self.ignore_index = ignore_index
@@ -207,7 +262,13 @@ class _DataChecks:
                 if labels is not None
                 else torch.zeros_like(self.counted)
             ),
+            "lse_value": (
+                self.counted & ~torch.isfinite(tempered_lse)
+                if tempered_lse is not None
+                else torch.zeros_like(self.counted)
+            ),
         }
+        self.tempered_lse = tempered_lse
         self._ids_sorted = ids
 
     def raise_if_invalid(self, bad_logit_rows: torch.Tensor) -> None:
@@ -240,6 +301,9 @@ class _DataChecks:
         if name == "label_range":
             return (f"labels must be in [0, V = {vocab}) or ignore_index = {self.ignore_index}; "
                     f"{where} holds {int(self.labels[row])}")
+        if name == "lse_value":
+            return (f"tempered_lse must be finite where rows count (it is logsumexp(logp / T) over the teacher's "
+                    f"vocabulary); {where} holds {float(self.tempered_lse[row])}")
         return (f"logits must be finite where they count (-inf entries are allowed if a row keeps one "
                 f"finite entry); {where} holds NaN or +inf, or no finite entry")
 

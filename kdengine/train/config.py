@@ -88,6 +88,12 @@ class TrainConfig:
     temperature: float = option(1.0, group="loss", metavar="X", low=0, low_open=True, help="KD temperature")
     tail: bool = option(False, group="loss",
                         help="add the teacher's probability mass outside its top-k as one extra KL bucket")
+    divergence: str = option("fkl", group="loss", choices=("fkl", "rkl", "jsd"),
+                             help="KD divergence over the top-k + tail buckets: fkl = forward KL(teacher || student), "
+                                  "rkl = reverse KL(student || teacher) (mode-seeking), jsd = generalized "
+                                  "Jensen-Shannon with --beta; rkl and jsd need --tail")
+    beta: float = option(0.5, group="loss", metavar="X", low=0, high=1, low_open=True, high_open=True,
+                         help="jsd mixture weight: m = beta * teacher + (1 - beta) * student")
     loss_impl: str = option("kernel", group="loss", choices=("kernel", "reference"),
                             help="kernel: the compiled sparse KL op; reference: the pure-torch spec (slow; for checks)")
 
@@ -225,6 +231,9 @@ def cross_field_problems(cfg: TrainConfig) -> list[str]:
     checks = [
         (cfg.warmup_steps is None or cfg.warmup_steps <= cfg.steps,
          f"--warmup-steps must be in [0, --steps={cfg.steps}], got {cfg.warmup_steps}"),
+        (cfg.divergence == "fkl" or cfg.tail,
+         f"--divergence {cfg.divergence} needs --tail: without the tail bucket the student's mass outside the "
+         "teacher's top-k is invisible to it"),
     ]
     return [msg for ok, msg in checks if not ok]
 

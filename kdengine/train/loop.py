@@ -120,6 +120,9 @@ class Trainer:
         self._sampled_tau = None  # a sampled-target store: its proposal temperature
         if store.targets == "sample":
             check_sampled_options(store, temperature=cfg.temperature, tail=cfg.tail)
+            if cfg.divergence != "fkl":
+                raise TrainError(f"store {cfg.store} holds sampled targets, whose loss is forward KL only; "
+                                 f"--divergence {cfg.divergence} needs a top-k store (`kdengine dump --targets topk`)")
             self._sampled_tau = float(store.codec_params["proposal_temperature"])
         if resume_from is not None:
             self._load_training_state(resume_from)
@@ -162,6 +165,11 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         state = ckpt_io.read_train_state(path)
+        for key, default in (("divergence", "fkl"), ("beta", 0.5)):  # a run's loss is one objective
+            saved, now = state.config.get(key, default), getattr(self.cfg, key)
+            if saved != now:
+                raise TrainError(f"{path}: the run was trained with --{key} {saved}, this resume asks for {now}; "
+                                 f"resume with --{key} {saved} or start a new --out")
         for line in ckpt_io.config_drift(state.config, self.cfg.to_dict()):
             self._say(f"warning: config changed since {path.name}: {line}")
         optim = ckpt_io.read_optimizer_state(path) if self.info.is_main or not self.info.distributed else {}
@@ -243,34 +251,22 @@ class Trainer:
             loss, parts = self._sampled(b).loss(logits, b["labels"], alpha=cfg.alpha, temperature=cfg.temperature,
                                                 with_parts=with_parts)
         else:
-            loss = self.loss_fn(logits, b["topk_idx"], b["topk_logp"], b["labels"], tail=cfg.tail, alpha=cfg.alpha,
-                                temperature=cfg.temperature, reduction="sum")
+            result = self.loss_fn(logits, b["topk_idx"], b["topk_logp"], b["labels"], tail=cfg.tail, alpha=cfg.alpha,
+                                  temperature=cfg.temperature, divergence=cfg.divergence, beta=cfg.beta,
+                                  reduction="sum", return_parts=with_parts)
+            loss = result.loss if with_parts else result
+            parts = torch.stack([result.kd, result.ce]) if with_parts else None  # from the same kernel pass
         # DDP and FSDP average gradients over ranks; scaling by world makes the result sum / global count.
         (loss * (self.info.world / global_targets)).backward()
         out = torch.zeros(3, dtype=torch.float64, device=dev)
         out[0] = loss.detach()
         if with_parts:
-            out[1:] = parts if self._sampled_tau is not None else self._loss_parts(logits.detach(), b, loss.detach())
+            out[1:] = parts
         return out
 
     def _sampled(self, b: dict) -> SampledTargets:
         return SampledTargets(b, proposal_temperature=self._sampled_tau,
                               loss_fn=sampled_kl_reference if self.cfg.loss_impl == "reference" else sampled_kl)
-
-    def _loss_parts(self, logits: torch.Tensor, b: dict, loss: torch.Tensor) -> torch.Tensor:
-        """[KD sum, CE sum] for logging, at the cost of one extra forward-only loss evaluation."""
-        cfg = self.cfg
-
-        def part(alpha: float) -> torch.Tensor:
-            with torch.no_grad():
-                return self.loss_fn(logits, b["topk_idx"], b["topk_logp"], b["labels"], tail=cfg.tail,
-                                    alpha=alpha, temperature=cfg.temperature, reduction="sum")
-
-        if cfg.alpha == 1.0:
-            return torch.stack([loss, part(0.0)])
-        kd = part(1.0)
-        ce = loss if cfg.alpha == 0.0 else (loss - cfg.alpha * kd) / (1.0 - cfg.alpha)
-        return torch.stack([kd, ce])
 
     def _clip(self) -> torch.Tensor:
         """Clips the global gradient norm; returns the norm before clipping (a 0-dim tensor)."""
@@ -343,6 +339,8 @@ class Trainer:
             "loss": sums[0].item() / n,
             "kd": sums[1].item() / n,
             "ce": sums[2].item() / n,
+            "divergence": self.cfg.divergence,
+            "beta": self.cfg.beta,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "targets": int(targets),
