@@ -302,6 +302,77 @@ def verify(directory, quiet, drop_bad):
     raise click.ClickException(f"{directory}: {len(report.problems)} problem(s); {hint}")
 
 
+# ---- bench --------------------------------------------------------------------------------------
+@cli.command("bench")
+@click.option("--model", "models", multiple=True, required=True, metavar="PATH",
+              help="A model to measure (a from_pretrained directory or a .gguf file); repeat it. The first is the "
+                   "one the others would replace (the teacher) for break-even.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False),
+              help="JSONL with a 'prompt' field per line [default: 16 of the demo's word problems].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Prompts per generate call in the throughput and energy run.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Cap on each generated answer.")
+@click.option("--latency-queries", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Queries timed one at a time (batch 1) for the latency percentiles.")
+@click.option("--out", default="bench-out", show_default=True, type=click.Path(file_okay=False),
+              help="Where report.json, report.md and report.png go.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Weights dtype [default: fp32 on cpu, bf16 on cuda].")
+@click.option("--cpu-watts", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True,
+              help="Watts per busy CPU core for the energy estimate where RAPL (/sys/class/powercap) is not readable; "
+                   "the report labels such figures 'estimate'.")
+@click.option("--distill-run", "distill_runs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A run directory kdengine wrote (a demo's --out, or a `kdengine train` --out) whose dump and "
+                   "training time are the cost of distilling; adds break-even to the report. Repeatable.")
+def bench_command(models, prompts, batch_size, max_new_tokens, latency_queries, out, device, dtype, cpu_watts,
+                  distill_runs):
+    """Measure each model's size, load time, latency (p50/p95 at batch 1), throughput, peak memory and energy
+    per 1k queries on this machine, each in a fresh process; with --distill-run, the number of queries after
+    which each student has paid back its distillation. Writes OUT/report.json, report.md, report.png."""
+    from kdengine.evals import EvalError
+    from kdengine.evals.bench import default_prompts, read_prompts, run_bench
+
+    try:
+        texts = read_prompts(prompts) if prompts else default_prompts()
+        report = run_bench(list(models), prompts=texts, out=out, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           latency_queries=latency_queries, device=device, dtype=dtype, cpu_watts=cpu_watts,
+                           distill_runs=distill_runs)
+    except EvalError as e:
+        raise click.ClickException(str(e)) from None
+    for m in report["models"]:
+        click.echo(f"{m['model']}: p50 {m['latency_p50_s']:.2f} s, {m['tokens_per_s']:.1f} tok/s, "
+                   f"{m['peak_memory_mb']:.0f} MB, {m['energy_j_per_1k_queries'] / 1000:.2f} kJ/1k queries "
+                   f"({m['energy_source']})")
+    click.echo(f"report: {out}/report.md, report.json, report.png")
+
+
+# ---- sweep --------------------------------------------------------------------------------------
+@cli.command("sweep")
+@click.option("--config", "config_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="sweep.yaml: student, store, teacher, heldout, out, seeds, grid (method: ce | fkl | rkl | jsd, "
+                   "plus any `kdengine train` flag), baseline, train, gsm8k. See kdengine/evals/sweep.py.")
+def sweep_command(config_path):
+    """Train every cell of a settings grid x seeds (each an ordinary `kdengine train` run), score each on
+    held-out KL / top-1 / perplexity and GSM8K, and write mean ± 95% CI, paired t-tests and Cohen's d
+    against the baseline, with figures. Re-running skips finished cells and resumes a killed one.
+
+    \b
+    Writes OUT/cells.csv, summary.csv, summary.md, metrics.png, gain.png, pareto.png and OUT/cells/<id>/.
+    """
+    from kdengine.evals import EvalError
+    from kdengine.evals.sweep import load_config, run_sweep
+
+    try:
+        cfg = load_config(config_path)
+        result = run_sweep(cfg)
+    except EvalError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{len(result['cells'])} cells ({len(result['skipped'])} finished before this run); "
+               f"summary in {cfg['out']}/summary.md")
+
+
 # ---- demo ---------------------------------------------------------------------------------------
 def _preset(size: str) -> str:
     from kdengine.demo.pipeline import PRESETS  # stdlib and tqdm only: cheap for --help
@@ -334,11 +405,14 @@ def _preset(size: str) -> str:
 @click.option("--ce-baseline/--no-ce-baseline", default=True, show_default=True,
               help="Also train a CE-only student on the same problems, steps and batches, the baseline the KD "
                    "student is compared with (--no-ce-baseline skips it and saves one training stage).")
+@click.option("--bench", is_flag=True,
+              help="Then run `kdengine bench` on the teacher and the trained students (OUT/bench/report.md), with "
+                   "break-even from this run's dump and training time.")
 @click.option("--keep-checkpoints", is_flag=True,
               help="Keep the training runs' optimizer checkpoints (OUT/train*/checkpoints/); by default only the "
                    "final models are kept.")
 def demo_command(out, quick, teacher, layers, steps, train_problems, heldout_problems, threads, log_dir, seed,
-                 ce_baseline, keep_checkpoints):
+                 ce_baseline, bench, keep_checkpoints):
     """Distill a real teacher end to end on this machine and report how well it worked.
 
     \b
@@ -359,7 +433,8 @@ def demo_command(out, quick, teacher, layers, steps, train_problems, heldout_pro
     sizes = dataclasses.replace(PRESETS["quick" if quick else "default"], **overrides)
     try:
         summary = run_demo(DemoConfig(out=out, sizes=sizes, teacher=teacher, log_dir=log_dir, threads=threads,
-                                      seed=seed, ce_baseline=ce_baseline, keep_checkpoints=keep_checkpoints))
+                                      seed=seed, ce_baseline=ce_baseline, keep_checkpoints=keep_checkpoints,
+                                      bench=bench))
     except DemoError as e:
         raise click.ClickException(str(e)) from None
     models = summary["models"]

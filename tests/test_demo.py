@@ -115,12 +115,17 @@ def test_rerun_replaces_results_and_reuses_the_converted_teacher(demo_run, tmp_p
     train_file = Path(cfg.out) / "data" / "train.jsonl"
     seed0 = train_file.read_text()
     again = run_demo(DemoConfig(out=cfg.out, sizes=SIZES, teacher=cfg.teacher, log_dir=tmp_path, seed=1,
-                                progress=False, ce_baseline=False, keep_checkpoints=True))
+                                progress=False, ce_baseline=False, keep_checkpoints=True, bench=True))
     assert again["stages"]["teacher"]["converted_now"] is False
     assert list(again["models"]) == ["teacher", "student_before", "student_after"]
     assert "train_ce" not in again["stages"] and not (Path(cfg.out) / "train_ce").exists()
     assert any((Path(cfg.out) / "train" / "checkpoints").iterdir())
     assert "CE student" not in (Path(cfg.out) / "summary.md").read_text()
+    bench = json.loads((Path(cfg.out) / "bench" / "report.json").read_text())
+    assert [m["model"] for m in bench["models"]] == [str(Path(cfg.out) / "teacher"), str(Path(cfg.out) / "train" / "final")]
+    assert bench["break_even"]["inputs"]["distill"]["runs"][0]["parts_s"] == {
+        name: again["stages"][name]["wall_s"] for name in ("dump", "train")}
+    assert json.loads((Path(cfg.out) / "summary.json").read_text())["bench"]["break_even"] == bench["break_even"]["students"]
     assert train_file.read_text() != seed0 and again["stages"]["data"]["seed"] == 1
     assert len(open_store(Path(cfg.out) / "store")) == SIZES.train_problems
     assert json.loads((Path(cfg.out) / "summary.json").read_text())["run"]["seed"] == 1

@@ -40,7 +40,8 @@ from kdengine.demo.errors import DemoError
 MODELS = ("teacher", "student_before", "student_ce", "student_after")  # student_after: the KD student
 STAGES = ("teacher", "data", "dump", "student", "train", "train_ce", "gsm8k", "heldout")
 _MARKER = ".kdengine-demo"  # marks a directory as a demo's output, so a re-run may replace it
-_OWN_ENTRIES = ("data", "store", "student", "train", "train_ce", "summary.json", "summary.md", "summary.png")
+_OWN_ENTRIES = ("data", "store", "student", "train", "train_ce", "bench", "summary.json", "summary.md",
+                "summary.png")
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class DemoConfig:
     progress: bool = True
     ce_baseline: bool = True
     keep_checkpoints: bool = False
+    bench: bool = False  # then `kdengine bench` on the teacher and the trained students -> OUT/bench/
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -158,7 +160,29 @@ def run_demo(cfg: DemoConfig) -> dict:
     from kdengine.demo.summary import write_summary
 
     write_summary(out, summary, metrics)
+    if cfg.bench:
+        summary["bench"] = _bench(cfg, out, paths)
+        write_summary(out, summary, metrics)
     return summary
+
+
+def _bench(cfg: DemoConfig, out: Path, paths: dict) -> dict:
+    """The efficiency report on the teacher and the trained students, break-even from this run's cost."""
+    from kdengine.evals import EvalError
+    from kdengine.evals.bench import default_prompts, run_bench
+
+    models = [str(paths[role]) for role in cfg.models if role != "student_before"]
+    _say(cfg.progress, f"bench: {', '.join(models)} -> {out / 'bench'}")
+    try:
+        report = run_bench(models, prompts=default_prompts(), out=out / "bench", device="cpu", distill_runs=[out],
+                           progress=cfg.progress)
+    except EvalError as exc:
+        raise DemoError(f"bench: {exc}") from exc
+    return {"report": str(out / "bench" / "report.md"),
+            "models": {m["model"]: {k: m[k] for k in ("latency_p50_s", "tokens_per_s", "peak_memory_mb",
+                                                      "energy_j_per_1k_queries", "energy_source")}
+                       for m in report["models"]},
+            "break_even": report["break_even"]["students"] if report["break_even"] else None}
 
 
 # ---- stages ----------------------------------------------------------------------------------------
