@@ -162,7 +162,9 @@ def make_student_command(teacher, layers, layer_map, out):
                    "so reruns, resumes and any rank split draw the same ids.")
 @click.option("--backend", type=click.Choice(["hf", "exl2"]), default="hf", show_default=True, help=BACKEND_HELP)
 @click.option("--max-length", type=int, default=None,
-              help="Keep at most this many tokens of each sample (counted as truncated). Default: no limit.")
+              help="Keep at most this many tokens of each sample (counted as truncated); at most the teacher's "
+                   "context. Default: no truncation, and a sample longer than the teacher's context "
+                   "(max_position_embeddings) is refused with its file:line.")
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Sequences per teacher forward (samples are sorted by length within each shard).")
 @click.option("--shard-samples", type=int, default=1024, show_default=True,
@@ -214,7 +216,8 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
     rank_note = f" (rank {s.rank} of {s.world_size})" if s.world_size > 1 else ""
     click.echo(
         f"dump{rank_note}: {s.samples} samples, {s.tokens} tokens, {s.positions} positions in "
-        f"{s.shards_written} new shards ({s.shards_already_done} already done); truncated {s.truncated}, "
+        f"{s.shards_written} new shards ({s.shards_already_done} already done); truncated {s.truncated}"
+        f"{f' to {max_length} tokens' if max_length else ''} (teacher context {s.context_length or 'unstated'}), "
         f"skipped {len(s.skipped) + len(s.bad_lines)}; {s.bytes_per_position:.1f} bytes/position; "
         f"{s.tokens_per_second:,.0f} tokens/s (encoder thread busy {s.encoder_cpu_seconds:.1f} s of "
         f"{s.seconds:.1f} s)")
@@ -232,7 +235,8 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
 @click.option("--sample", "sample_index", type=int, default=None,
               help="Show sample I instead: the teacher's top tokens at each target position (text via the "
                    "teacher's tokenizer when it can be loaded, else ids).")
-@click.option("--top", type=int, default=5, show_default=True, help="With --sample: entries shown per position.")
+@click.option("--top", type=click.IntRange(min=1), default=5, show_default=True,
+              help="With --sample: entries shown per position (at most K).")
 def inspect(directory, as_json, sample_index, top):
     """Summarize a top-k store, or show one sample's teacher targets."""
     import json
@@ -246,9 +250,10 @@ def inspect(directory, as_json, sample_index, top):
             summary = store_summary(store)
             click.echo(json.dumps(summary, indent=1) if as_json else format_summary(store, summary))
             return
+        if not 0 <= sample_index < len(store):
+            raise click.ClickException(f"sample {sample_index} out of range: the store holds samples "
+                                       f"0..{len(store) - 1}")
         sample = store[sample_index]
-    except IndexError as e:
-        raise click.ClickException(str(e)) from None
     except StoreError as e:
         raise click.ClickException(str(e)) from None
     tokenizer = _teacher_tokenizer(store.teacher)

@@ -171,7 +171,8 @@ def check_corpus(path: str | Path, *, skip_bad_lines: bool = False) -> CheckedCo
 
 
 def tokenize_corpus(checked: CheckedCorpus, tokenizer, *, chat: bool = False, max_length: int | None = None,
-                    skip_bad_lines: bool = False, progress: bool = False) -> Corpus:
+                    context_length: int | None = None, skip_bad_lines: bool = False,
+                    progress: bool = False) -> Corpus:
     """Token ids and target positions for every record (see the module docstring for the conventions).
 
     Args:
@@ -182,15 +183,21 @@ def tokenize_corpus(checked: CheckedCorpus, tokenizer, *, chat: bool = False, ma
             never does.
         max_length: keep at most this many tokens of each sample (the start); positions whose target
             falls outside are dropped. None keeps everything.
-        skip_bad_lines: a line the chat template cannot render consistently goes to `bad_lines`
-            instead of raising.
+        context_length: the teacher's context (max_position_embeddings): a sample longer than it is
+            refused (its targets past the context would be garbage) unless max_length cuts it;
+            max_length may not exceed it. None: no bound.
+        skip_bad_lines: a line the chat template cannot render consistently, or a sample longer than
+            the context, goes to `bad_lines` instead of raising.
         progress: show a tqdm bar.
     Raises:
-        CorpusError: max_length < 2, chat formatting without a chat template, or a line whose chat
-            rendering fails (unless skipping).
+        CorpusError: max_length < 2 or above context_length, chat formatting without a chat template,
+            or a line whose chat rendering fails or that is longer than the context (unless skipping).
     """
     if max_length is not None and max_length < 2:
         raise CorpusError(f"max_length must be at least 2 (one token and the next to predict), got {max_length}")
+    if max_length is not None and context_length is not None and max_length > context_length:
+        raise CorpusError(f"--max-length {max_length} is longer than the teacher's context of {context_length} "
+                          f"tokens (max_position_embeddings); use --max-length {context_length} or less")
     needs_template = next((r for r in checked.records if r.kind == "messages" or (chat and r.kind != "text")), None)
     if needs_template is not None and not getattr(tokenizer, "chat_template", None):
         raise CorpusError(f"{checked.path}:{needs_template.line}: chat formatting needs the tokenizer's chat "
@@ -205,6 +212,11 @@ def tokenize_corpus(checked: CheckedCorpus, tokenizer, *, chat: bool = False, ma
         where = f"{checked.path}:{record.line}"
         try:
             ids, positions = _encode(record, tokenizer, prefix, chat)
+            if max_length is None and context_length is not None and len(ids) > context_length:
+                raise _BadLine(f"{len(ids)} tokens, longer than the teacher's context of {context_length} "
+                               f"(max_position_embeddings): its targets past the context would be garbage; "
+                               f"pass --max-length {context_length} to keep the first {context_length} "
+                               f"tokens of long samples, or shorten it")
         except _BadLine as e:
             if not skip_bad_lines:
                 raise CorpusError(f"{where}: {e}", [f"{where}: {e}"]) from None

@@ -30,7 +30,7 @@ from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter, c
 from kdengine.sampling import teacher_draws
 from kdengine.store.codec import DEFAULT_CODEC, SAMPLED_CODEC, codec_unavailable, default_params
 from kdengine.store.format import TARGET_MODES
-from kdengine.store.writer import check_dump_settings
+from kdengine.store.writer import check_dump_settings, claim_rank
 from kdengine.teachers import load_teacher, topk_logprobs
 
 
@@ -80,6 +80,7 @@ class DumpSummary:
     seconds: float = 0.0
     encoder_cpu_seconds: float = 0.0  # CPU time of the encoder thread (encoding + writing shards)
     store_complete: bool = False
+    context_length: int | None = None  # the teacher's context: longer samples are refused unless truncated
 
     @property
     def bytes_per_position(self) -> float:
@@ -105,7 +106,8 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
         DumpError: bad settings (rank, sizes).
         kdengine.corpus.CorpusError: a malformed corpus (file:line).
         kdengine.teachers.TeacherError: the teacher cannot be loaded.
-        kdengine.store.StoreError: the output directory holds a different dump, or is damaged.
+        kdengine.store.StoreError: the output directory holds a different dump, is damaged, is being
+            written by another process for this rank, or its disk is full or read-only.
     """
     rank, world_size = resolve_rank(cfg.rank, cfg.world_size)
     for name in ("top_k", "batch_size", "shard_samples"):
@@ -132,27 +134,46 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
     checked = check_corpus(cfg.data, skip_bad_lines=cfg.skip_bad_lines)  # fail fast, before the model loads
     config = _config(cfg, sha256_file(cfg.data), world_size)
     check_dump_settings(cfg.out, {"k": k, "codec": codec, "codec_params": codec_params, "config": config})
+    lock = claim_rank(cfg.out, rank) if Path(cfg.out).is_dir() else None  # refuse a second writer before any work
+    try:
+        device = cfg.device
+        if device == "cuda" and world_size > 1 and "LOCAL_RANK" in os.environ:
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+        if teacher is None:
+            teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=device, dtype=cfg.dtype, **cfg.backend_opts)
+        context_length = getattr(teacher, "context_length", None)
+        corpus = tokenize_corpus(checked, teacher.tokenizer, chat=cfg.chat, max_length=cfg.max_length,
+                                 context_length=context_length, skip_bad_lines=cfg.skip_bad_lines,
+                                 progress=cfg.progress and rank == 0)
+        if not corpus.samples:
+            reasons = corpus.skipped + corpus.bad_lines
+            raise DumpError(f"{cfg.data}: no sample has a target position, so there is nothing to store "
+                            f"({len(reasons)} skipped; the first: {reasons[0] if reasons else 'none'}); a store "
+                            f"needs at least one target")
+        header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
+                             vocab_size=teacher.vocab_size, k=k, codec=codec, codec_params=codec_params,
+                             config=config, targets=cfg.targets)
+        if not sampled and cfg.top_k > teacher.vocab_size:
+            raise DumpError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
+        writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size, lock=lock)
+        try:
+            return _write(cfg, writer, teacher, header, corpus, rank, world_size, context_length)
+        finally:
+            writer.close()
+    finally:
+        if lock is not None:  # idempotent; covers a failure before the writer took the lock over
+            lock.release()
 
-    device = cfg.device
-    if device == "cuda" and world_size > 1 and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
-    if teacher is None:
-        teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=device, dtype=cfg.dtype, **cfg.backend_opts)
-    corpus = tokenize_corpus(checked, teacher.tokenizer, chat=cfg.chat, max_length=cfg.max_length,
-                             skip_bad_lines=cfg.skip_bad_lines, progress=cfg.progress and rank == 0)
-    header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
-                         vocab_size=teacher.vocab_size, k=k, codec=codec, codec_params=codec_params,
-                         config=config, targets=cfg.targets)
-    if not sampled and cfg.top_k > teacher.vocab_size:
-        raise DumpError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
-    writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size)
 
+def _write(cfg, writer, teacher, header, corpus, rank, world_size, context_length) -> DumpSummary:
+    sampled = cfg.targets == "sample"
     samples = corpus.samples
     chunks_total = math.ceil(len(samples) / cfg.shard_samples)
     mine = [c for c in range(chunks_total) if c % world_size == rank]
     todo = [c for c in mine if c not in writer.done_chunks]
     summary = DumpSummary(rank=rank, world_size=world_size, truncated=corpus.truncated, skipped=corpus.skipped,
-                          bad_lines=corpus.bad_lines, shards_already_done=len(mine) - len(todo))
+                          bad_lines=corpus.bad_lines, shards_already_done=len(mine) - len(todo),
+                          context_length=context_length)
     chunk_samples = {c: samples[c * cfg.shard_samples:(c + 1) * cfg.shard_samples] for c in todo}
     total_tokens = sum(len(s.input_ids) for c in todo for s in chunk_samples[c])
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"dump rank {rank}" if world_size > 1 else "dump",

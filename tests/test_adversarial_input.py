@@ -92,4 +92,5 @@ def test_dump_cli_skips_deep_and_surrogate_lines_and_says_so(tmp_path, tiny_mode
     result = CliRunner().invoke(cli, args + ["--skip-bad-lines"])
     assert result.exit_code == 0, result.output
     assert f"skipped bad line: {corpus}:2: JSON nested" in result.output
+    assert "truncated 0 (teacher context 512)" in result.output
     assert f"skipped bad line: {corpus}:3:" in result.output and "lone surrogate" in result.output

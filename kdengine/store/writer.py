@@ -8,6 +8,7 @@ manifest").
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -18,7 +19,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from kdengine.checksum import sha256_file
-from kdengine.durable import fsync_path, write_atomic
+from kdengine.durable import fsync_path, remove_stale_temporaries, write_atomic
+from kdengine.locks import LockHeld, ProcessLock, hold_lock
 from kdengine.store.codec import learn_shard_table, make_codec, shard_table_name
 from kdengine.store.format import (
     FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, PARTS_DIR, StoreError, check_shard_entry, dump_json,
@@ -169,19 +171,35 @@ def _offsets(items):
 class StoreWriter:
     """One rank's writer for a store directory.
 
-    On creation it reads every rank's manifest part, refuses a directory written with other settings
-    (naming the setting and what to do), and records which chunks are already complete, so that a
-    re-run continues after them.
+    On creation it takes the rank's lock (DIR/.rank-RRRRR.lock, held until `close()` or the process
+    ends: a second process claiming the same rank is refused, naming the first one's pid and host),
+    reads every rank's manifest part, refuses a directory written with other settings (naming the
+    setting and what to do), removes the rank's own stale temporary files, and records which chunks
+    are already complete, so that a re-run continues after them. A full or read-only disk is a
+    StoreError naming the directory; the temporary file of a failed write is removed.
     """
 
-    def __init__(self, directory: str | Path, header: StoreHeader, *, rank: int = 0, world_size: int = 1):
+    def __init__(self, directory: str | Path, header: StoreHeader, *, rank: int = 0, world_size: int = 1,
+                 lock: ProcessLock | None = None):
+        """lock: the rank's lock from `claim_rank`, when the caller took it early (before loading a
+        teacher); the writer owns it from then on."""
         if not 0 <= rank < world_size:
             raise StoreError(f"rank must be in [0, {world_size}), got {rank}")
         self.directory = Path(directory)
         self.header, self.rank, self.world_size = header, rank, world_size
         if self.directory.exists() and not self.directory.is_dir():
             raise StoreError(f"{self.directory}: exists and is not a directory; choose another --out")
-        (self.directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        with writing(self.directory, "the store directory"):
+            (self.directory / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        self._lock = lock or claim_rank(self.directory, rank)
+        try:
+            self._open_parts(header)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_parts(self, header: StoreHeader) -> None:
+        rank = self.rank
         if (self.directory / MANIFEST).exists() and not any((self.directory / PARTS_DIR).iterdir()):
             raise StoreError(f"{self.directory}: holds a manifest but no {PARTS_DIR}/ (not written by this "
                              f"kdengine dump, or damaged); use a new --out directory")
@@ -197,9 +215,16 @@ class StoreWriter:
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
-        # Only this rank's own leftovers: another rank may be writing its temporary file right now.
-        for path in self.directory.glob(f".shard-*.tmp-r{self.rank:05d}"):
-            path.unlink(missing_ok=True)
+        # Only this rank's own leftovers (its lock is held): another rank may be writing its own now.
+        with writing(self.directory, "stale temporary files"):
+            for path in self.directory.glob(f".shard-*.tmp-r{self.rank:05d}"):
+                path.unlink(missing_ok=True)
+            part = self.directory / part_name(self.rank)
+            remove_stale_temporaries(part)
+
+    def close(self) -> None:
+        """Releases the rank's lock (the process ending does too)."""
+        self._lock.release()
 
     def write_shard(self, chunk: int, builder: ShardBuilder) -> dict:
         """Finishes `builder`, writes it as chunk `chunk`'s shard and updates the manifest.
@@ -218,12 +243,16 @@ class StoreWriter:
             "targets": self.header.targets,
         }
         tmp = self.directory / f".{name}.tmp-r{self.rank:05d}"
-        save_file(tensors, str(tmp), metadata=metadata)
-        digest = sha256_file(tmp)
-        fsync_path(tmp)
         final = self.directory / name
-        os.replace(tmp, final)
-        fsync_path(self.directory)
+        with writing(self.directory, f"shard {name}", cleanup=tmp):
+            try:
+                save_file(tensors, str(tmp), metadata=metadata)
+            except Exception as exc:  # safetensors wraps the OS error in its own type
+                raise OSError(str(exc).rsplit(": ", 1)[-1]) from None
+            digest = sha256_file(tmp)
+            fsync_path(tmp)
+            os.replace(tmp, final)
+            fsync_path(self.directory)
         entry = {"file": name, "chunk": chunk, "rank": self.rank, **counts,
                  "bytes": final.stat().st_size, "sha256": digest}
         self._part["shards"] = [s for s in self._part["shards"] if s["chunk"] != chunk] + [entry]
@@ -239,16 +268,68 @@ class StoreWriter:
         return self._save_part()
 
     def _save_part(self) -> dict:
-        write_atomic(self.directory / part_name(self.rank), dump_json(self._part))
-        return merge_manifest(self.directory)
+        with writing(self.directory, f"its manifest part {part_name(self.rank)}"):
+            write_atomic(self.directory / part_name(self.rank), dump_json(self._part))
+            return merge_manifest(self.directory)
+
+
+def rank_lock_name(rank: int) -> str:
+    """The lock a rank's writer holds while it runs (see kdengine/locks.py)."""
+    return f".rank-{rank:05d}.lock"
+
+
+def claim_rank(directory: str | Path, rank: int) -> ProcessLock:
+    """Takes rank `rank`'s writer lock on an existing store directory (held until released or the
+    process ends), so that a second writer of the rank is refused before it does any work.
+
+    Raises:
+        StoreError: another live process holds it (the message names its pid and host), or the lock
+            file cannot be written.
+    """
+    directory = Path(directory)
+    with writing(directory, "its lock file"):
+        try:
+            return hold_lock(directory / rank_lock_name(rank), f"a dump writing rank {rank}")
+        except LockHeld as exc:
+            raise StoreError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def writing(directory: Path, what: str, *, cleanup: Path | None = None):
+    """Turns an OSError while writing into a one-line StoreError naming the directory and the fix,
+    removing `cleanup` (a temporary file) first."""
+    try:
+        yield
+    except OSError as exc:
+        if cleanup is not None:
+            with contextlib.suppress(OSError):
+                cleanup.unlink(missing_ok=True)
+        reason = exc.strerror or str(exc)
+        raise StoreError(f"{directory}: cannot write {what} ({reason}); free space on that disk or choose a "
+                         f"writable --out, then re-run the same command: it continues after the last "
+                         f"complete shard") from None
 
 
 def drop_shards(directory: str | Path, files: list[str]) -> None:
     """Removes shards from their rank's manifest part and deletes their files, so that re-running the
-    dump writes them again (`kdengine verify --drop-bad`). Do not run it while a dump is writing."""
+    dump writes them again (`kdengine verify --drop-bad`).
+
+    Raises:
+        StoreError: a dump is writing the directory (a rank's lock is held), or the disk refuses the write.
+    """
     directory = Path(directory)
     files = set(files)
-    for part_rank, part in _read_parts(directory).items():
+    with contextlib.ExitStack() as locks, writing(directory, "its manifest parts"):
+        for lock in sorted(directory.glob(rank_lock_name(0).replace("00000", "*"))):
+            try:
+                locks.enter_context(hold_lock(lock, "a dump writing this directory"))
+            except LockHeld as exc:
+                raise StoreError(f"{exc}; --drop-bad must wait until no dump writes {directory}") from None
+        _drop(directory, _read_parts(directory), files)
+
+
+def _drop(directory: Path, parts: dict, files: set) -> None:
+    for part_rank, part in parts.items():
         keep = [s for s in part["shards"] if s["file"] not in files]
         if len(keep) != len(part["shards"]):
             part["shards"] = keep
@@ -256,7 +337,8 @@ def drop_shards(directory: str | Path, files: list[str]) -> None:
             write_atomic(directory / part_name(part_rank), dump_json(part))
     for name in files:
         (directory / name).unlink(missing_ok=True)
-    merge_manifest(directory)
+    if parts:
+        merge_manifest(directory)
 
 
 def merge_manifest(directory: str | Path) -> dict:
@@ -269,6 +351,7 @@ def merge_manifest(directory: str | Path) -> dict:
     with open(directory / LOCK_FILE, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            remove_stale_temporaries(directory / MANIFEST)  # the merge lock is held: nobody writes it now
             parts = _read_parts(directory)
             manifest = _merged(parts)
             write_atomic(directory / MANIFEST, dump_json(manifest))
@@ -279,6 +362,11 @@ def merge_manifest(directory: str | Path) -> dict:
 
 def _merged(parts: dict) -> dict:
     header = next(iter(parts.values()))["header"]
+    for rank, part in parts.items():
+        if part["header"] != header:
+            raise StoreError(f"{part_name(rank)} was written by a dump with other settings than "
+                             f"{part_name(next(iter(parts)))}; two different dumps wrote this directory at "
+                             f"once; delete it and dump again")
     shards = sorted((s for part in parts.values() for s in part["shards"]), key=lambda s: s["chunk"])
     chunks = [s["chunk"] for s in shards]
     if len(set(chunks)) != len(chunks):
@@ -337,6 +425,8 @@ def check_dump_settings(directory: str | Path, settings: dict) -> None:
             directory's parts are unreadable.
     """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise StoreError(f"{directory}: exists and is not a directory; choose another --out")
     if not (directory / PARTS_DIR).is_dir():
         return
     for part_rank, part in _read_parts(directory).items():

@@ -37,6 +37,7 @@ class Teacher(Protocol):
     tokenizer: "object"  # a transformers PreTrainedTokenizerBase
     fingerprint: str  # tokenizer_fingerprint(tokenizer)
     vocab_size: int  # V: the last dim of logits(); logits are sliced to the tokenizer's vocabulary
+    context_length: int | None  # the longest sequence logits() is valid for (None: the model states none)
     device: torch.device
 
     def logits(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

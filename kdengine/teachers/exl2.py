@@ -304,6 +304,7 @@ class Exl2Teacher:
         self._prefill = prefill
         self._config = self._make_config(model_dir, max_seq_len, max_input_len, max_batch_size)
         self._model, self._cache = self._load(gpu_split, cache_tokens or self._config.max_seq_len)
+        self.context_length = self._config.max_seq_len
         self.device = torch.device(self._model.modules[-1].device())
         self._generator = None
 

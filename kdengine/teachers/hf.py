@@ -85,6 +85,7 @@ class HFTeacher:
         tokenizer: its tokenizer (pad token set, see `load_tokenizer`).
         fingerprint: `tokenizer_fingerprint(tokenizer)`.
         vocab_size: V = len(tokenizer); logits are sliced to it when the model's output is padded wider.
+        context_length: the model's max_position_embeddings (None when its config has none).
         device: where the model and its logits live.
     """
 
@@ -95,6 +96,7 @@ class HFTeacher:
         self.fingerprint = tokenizer_fingerprint(tokenizer)
         self.device = next(model.parameters()).device
         self.vocab_size = len(tokenizer)
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
         max_id = max(tokenizer.get_vocab().values())
         if max_id >= self.vocab_size:
             raise TeacherError(f"{name}: the tokenizer has {self.vocab_size} tokens but uses id {max_id}; "
