@@ -97,3 +97,28 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
 
     out = tmp_path_factory.mktemp("tiny_llama")
     return build_model(out, AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+
+
+def rewrite_shard_metadata(store_dir, file, **changes):
+    """Rewrites one shard's __metadata__ (same tensors) and updates its manifest entry's bytes and
+    sha256, as a consistent adversary would: only the checks against the shard's content can tell."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from kdengine.checksum import sha256_file
+
+    path = Path(store_dir) / file
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata())
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    meta.update(changes)
+    save_file(tensors, str(path), metadata=meta)
+    manifest_path = Path(store_dir) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["shards"]:
+        if entry["file"] == file:
+            entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
+    manifest_path.write_text(json.dumps(manifest))

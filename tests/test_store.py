@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from conftest import rewrite_shard_metadata
 from kdengine.cli import cli
 from kdengine.corpus import load_corpus
 from kdengine.dump import DumpConfig, DumpError, dump, resolve_rank
@@ -266,12 +267,13 @@ def test_inspect_json_keys_and_sample_view(dumped, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["teacher"] = str(tmp_path / "moved-away")
     (out / "manifest.json").write_text(json.dumps(manifest))
+    rewrite_shard_metadata(out, "shard-000000.safetensors", teacher=manifest["teacher"])
     result = runner.invoke(cli, ["inspect", str(out), "--sample", "1"])
     assert result.exit_code == 0
     assert "cannot be loaded; showing token ids" in result.output and "next=#" in result.output
 
     result = runner.invoke(cli, ["inspect", cfg.out, "--sample", "99"])
-    assert result.exit_code == 1 and "sample 99 out of range for a store of 11 samples" in result.output
+    assert result.exit_code == 1 and "sample 99 out of range: the store holds samples 0..10" in result.output
 
 
 def test_bad_jsonl_fails_with_file_and_line_before_the_teacher_loads(tmp_path):

@@ -98,16 +98,18 @@ def load_manifest(directory: str | Path) -> dict:
 
 
 def check_manifest(manifest, path) -> None:
+    """Checks every key's type and range, the shard list (one entry per chunk, in chunk order) and the
+    totals against the entries; raises StoreError naming the key, what it holds and what it must hold."""
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise StoreError(f"{path}: format is {got!r}, expected {FORMAT_NAME!r}")
     if manifest.get("version") != FORMAT_VERSION:
         raise StoreError(f"{path}: format version {manifest.get('version')!r}, this kdengine reads version "
                          f"{FORMAT_VERSION}; use the kdengine release that wrote the store")
-    for key, kind in (("teacher", str), ("tokenizer_fingerprint", str), ("vocab_size", int), ("k", int),
-                      ("codec", dict), ("shards", list)):
+    for key, kind in (("teacher", str), ("tokenizer_fingerprint", str), ("codec", dict), ("shards", list)):
         if not isinstance(manifest.get(key), kind):
-            raise StoreError(f"{path}: key {key!r} is missing or not a {kind.__name__}")
+            raise StoreError(f"{path}: key {key!r} is {_shown(manifest.get(key))}, expected {_KIND_NAMES[kind]}"
+                             f"{_REDUMP}")
     targets = manifest.get("targets", "topk")
     if targets not in TARGET_MODES:
         raise StoreError(f"{path}: targets is {targets!r}, this kdengine knows {', '.join(TARGET_MODES)}; use the "
@@ -115,8 +117,41 @@ def check_manifest(manifest, path) -> None:
     if (targets == "sample") != (manifest["codec"].get("name") == "sampled"):
         raise StoreError(f"{path}: targets {targets!r} with codec {manifest['codec'].get('name')!r}; a 'sample' "
                          f"store uses codec 'sampled' and only it")
+    vocab = _count(manifest, "vocab_size", path, minimum=1)
+    k = _count(manifest, "k", path, minimum=1)
+    if k > vocab:
+        raise StoreError(f"{path}: k is {k}, larger than vocab_size {vocab}{_REDUMP}")
+    codec = manifest["codec"]
+    if not isinstance(codec.get("name"), str) or not isinstance(codec.get("params", {}), dict):
+        raise StoreError(f"{path}: codec is {_shown(codec)}, expected {{\"name\": str, \"params\": object}}{_REDUMP}")
+    for key, kinds in (("complete", (bool,)), ("dump", (dict,)), ("ranks_finished", (list,))):
+        if key in manifest and not isinstance(manifest[key], kinds):
+            raise StoreError(f"{path}: key {key!r} is {_shown(manifest[key])}, expected "
+                             f"{_KIND_NAMES[kinds[0]]}{_REDUMP}")
+    if manifest.get("chunks_total") is not None:
+        _count(manifest, "chunks_total", path)
+    chunks = []
     for i, shard in enumerate(manifest["shards"]):
         check_shard_entry(shard, f"{path}: shard entry {i}")
+        if chunks and shard["chunk"] <= chunks[-1]:
+            kind = "listed twice" if shard["chunk"] in chunks else "out of chunk order"
+            raise StoreError(f"{path}: shard entry {i} ({shard['file']}): chunk {shard['chunk']} is {kind}; "
+                             f"each chunk must appear once, in order{_REDUMP}")
+        chunks.append(shard["chunk"])
+    for key in TOTAL_KEYS:
+        if key in manifest:
+            total = sum(s[key] for s in manifest["shards"])
+            if _count(manifest, key, path) != total:
+                raise StoreError(f"{path}: {key} is {manifest[key]}, but its shard entries add up to {total}"
+                                 f"{_REDUMP}")
+
+
+TOTAL_KEYS = ("samples", "tokens", "positions", "payload_bytes")  # manifest totals = sums over shards
+_ENTRY_COUNTS = ("chunk", "rank", "samples", "tokens", "positions", "payload_bytes", "bytes")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_KIND_NAMES = {str: "a string", dict: "an object", list: "an array", bool: "true or false"}
+_REDUMP = ("; the manifest was edited or damaged: re-run the dump command (it rebuilds manifest.json "
+           "from parts/), then `kdengine verify`")
 
 
 def check_shard_entry(shard, where) -> None:
@@ -126,6 +161,28 @@ def check_shard_entry(shard, where) -> None:
     if not isinstance(name, str) or not SHARD_RE.match(name):
         raise StoreError(f"{where}: file {name!r} is not a shard file name inside the store directory "
                          f"(expected shard-NNNNNN.safetensors; paths are refused)")
-    for key in ("chunk", "rank", "samples", "tokens", "positions", "payload_bytes", "bytes", "sha256"):
+    for key in (*_ENTRY_COUNTS, "sha256"):
         if key not in shard:
             raise StoreError(f"{where} ({name}): key {key!r} is missing")
+    for key in _ENTRY_COUNTS:
+        _count(shard, key, f"{where} ({name})", minimum=1 if key == "samples" else 0)
+    if name != shard_name(shard["chunk"]):
+        raise StoreError(f"{where} ({name}): chunk {shard['chunk']} is stored as {shard_name(shard['chunk'])}, "
+                         f"not {name}{_REDUMP}")
+    if not isinstance(shard["sha256"], str) or not _SHA256_RE.match(shard["sha256"]):
+        raise StoreError(f"{where} ({name}): sha256 is {_shown(shard['sha256'])}, expected 64 lowercase hex "
+                         f"digits{_REDUMP}")
+
+
+def _count(obj: dict, key: str, where, *, minimum: int = 0) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise StoreError(f"{where}: {key} is {_shown(value)}, expected an integer{_REDUMP}")
+    if value < minimum:
+        raise StoreError(f"{where}: {key} is {value}, expected at least {minimum}{_REDUMP}")
+    return value
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

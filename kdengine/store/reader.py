@@ -144,7 +144,8 @@ class _Shard:
             if off.shape != (n + 1,) or off[0] != 0 or np.any(np.diff(off) < 0):
                 raise StoreError(f"{where}: tensor {name} is not {n + 1} non-decreasing offsets from 0; "
                                  f"run `kdengine verify {directory}`")
-        self.sample_ids = json.loads(meta["sample_ids"])
+        _check_counts(self, entry, manifest, where)
+        self.sample_ids = _sample_ids(meta["sample_ids"], n, where)
         self.targets = manifest.get("targets", "topk")
         table_name = _codec_table_name(manifest, where)
         table = self._tensor(table_name) if table_name else None
@@ -231,16 +232,10 @@ def _check_shard_header(meta: dict, keys: set, entry: dict, manifest: dict, wher
     if meta["format"] != FORMAT_NAME or meta["version"] != str(FORMAT_VERSION):
         raise StoreError(f"{where}: format {meta['format']!r} version {meta['version']!r}, expected "
                          f"{FORMAT_NAME!r} version {FORMAT_VERSION}")
-    expected = {"codec": manifest["codec"]["name"], "k": str(manifest["k"]),
-                "vocab_size": str(manifest["vocab_size"]),
-                "tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
-                "chunk": str(entry["chunk"]), "samples": str(entry["samples"])}
+    _check_against_manifest(meta, entry, manifest, where)
     if meta.get("targets", "topk") != manifest.get("targets", "topk"):
         raise StoreError(f"{where}: __metadata__['targets'] is {meta.get('targets', 'topk')!r}, the manifest "
                          f"expects {manifest.get('targets', 'topk')!r}")
-    for key, want in expected.items():
-        if meta[key] != want:
-            raise StoreError(f"{where}: __metadata__[{key!r}] is {meta[key]!r}, the manifest expects {want!r}")
     for name, dtype in SHARD_TENSORS.items():
         if name not in keys:
             raise StoreError(f"{where}: tensor {name!r} ({dtype}) is missing")
@@ -251,6 +246,67 @@ def _check_shard_header(meta: dict, keys: set, entry: dict, manifest: dict, wher
     unknown = keys - set(SHARD_TENSORS) - {table}
     if unknown:
         raise StoreError(f"{where}: unexpected tensors {sorted(unknown)}")
+
+
+def _check_against_manifest(meta: dict, entry: dict, manifest: dict, where: str) -> None:
+    """The shard is the authority: every __metadata__ key that the manifest also states (at the top,
+    as codec name/params, or in the shard's entry) must hold the same value, compared as JSON values,
+    so that an edited manifest (a codec parameter, k, the fingerprint, a count) cannot change how
+    the shard is read."""
+    stated = {key: value for key, value in manifest.items() if key not in ("shards", "codec")}
+    stated.update(codec=manifest["codec"]["name"], codec_params=manifest["codec"].get("params", {}), **entry)
+    for key, raw in meta.items():
+        if key in _NOT_COMPARED or key not in stated:
+            continue
+        want = stated[key]
+        if isinstance(want, str):
+            same = raw == want
+        else:
+            try:
+                same = json.loads(raw) == want and type(json.loads(raw)) is type(want)
+            except ValueError:
+                same = False
+        if not same:
+            raise StoreError(f"{where}: the shard says {key} = {raw}, the manifest says {key} = "
+                             f"{json.dumps(want)}; the shard is the authority: the manifest was edited or "
+                             f"belongs to another store - re-run the dump command to rebuild it from parts/, "
+                             f"then `kdengine verify {Path(where).parent}`")
+
+
+_NOT_COMPARED = ("format", "version", "sample_ids")  # checked on their own
+
+
+def _check_counts(shard: "_Shard", entry: dict, manifest: dict, where: str) -> None:
+    """The entry's counts against the shard's own tensors, and its corpus indices against its chunk."""
+    n = entry["samples"]
+    for key, offsets, tensor in (("tokens", shard.token_offsets, "input_ids"),
+                                 ("positions", shard.position_offsets, "positions"),
+                                 ("payload_bytes", shard.frame_offsets, "payload")):
+        length = shard._file.get_slice(tensor).get_shape()
+        if [int(offsets[-1])] != length or int(offsets[-1]) != entry[key]:
+            raise StoreError(f"{where}: holds {length} {tensor} entries with offsets ending at {int(offsets[-1])}, "
+                             f"the manifest says {key} = {entry[key]}; run `kdengine verify {Path(where).parent}`")
+    if shard.sample_index.shape != (n,) or shard.sample_crc.shape != (n,):
+        raise StoreError(f"{where}: sample_index/sample_crc32 do not hold {n} entries")
+    per_shard = manifest.get("dump", {}).get("shard_samples")
+    if isinstance(per_shard, int) and not isinstance(per_shard, bool):
+        first = entry["chunk"] * per_shard
+        if n > per_shard or not np.array_equal(shard.sample_index, np.arange(first, first + n)):
+            raise StoreError(f"{where}: holds corpus samples {shard.sample_index[:3].tolist()}..., chunk "
+                             f"{entry['chunk']} of {per_shard} samples holds {first}..{first + n - 1}; "
+                             f"run `kdengine verify {Path(where).parent}`")
+
+
+def _sample_ids(raw: str, n: int, where: str) -> list[str]:
+    try:
+        ids = json.loads(raw)
+    except ValueError as exc:
+        raise StoreError(f"{where}: __metadata__['sample_ids'] is not valid JSON ({exc}); the shard is damaged: "
+                         f"`kdengine verify {Path(where).parent} --drop-bad`, then re-run the dump") from None
+    if not isinstance(ids, list) or len(ids) != n or not all(isinstance(i, str) for i in ids):
+        raise StoreError(f"{where}: __metadata__['sample_ids'] is not a list of {n} strings; the shard is "
+                         f"damaged: `kdengine verify {Path(where).parent} --drop-bad`, then re-run the dump")
+    return ids
 
 
 def _codec_table_name(manifest: dict, where: str) -> str | None:

@@ -1,4 +1,5 @@
-"""`verify_store`: checks every shard's sha256 against the manifest and decodes every frame."""
+"""`verify_store`: checks the manifest against the directory and the shards (the shard is the
+authority), every shard's sha256, and decodes every frame."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -13,8 +14,9 @@ from kdengine.store.reader import TopKStore
 
 @dataclass
 class VerifyReport:
-    """problems: one line per bad or missing shard (file: why), empty when the store is whole.
-    notes: things that do not make the store wrong (e.g. a shard file the manifest does not list)."""
+    """problems: one line per bad, missing or unlisted shard (file: why) or store-wide fault, empty
+    when the store is whole. bad_files: the shard files `--drop-bad` removes. notes: things that do
+    not make the store wrong."""
 
     directory: str
     shards: int = 0
@@ -29,8 +31,11 @@ class VerifyReport:
 
 
 def verify_store(directory: str | Path, *, progress: bool = True) -> VerifyReport:
-    """Checks a whole store: the manifest, then for every shard its size, sha256, header, and every
-    sample's crc32, decoding and shapes; then that the dump finished (every chunk present).
+    """Checks a whole store: the manifest (types, one entry per chunk in order, totals), then for every
+    shard its size, sha256, header against the manifest entry, counts against its tensors, corpus
+    indices against its chunk, and every sample's crc32, decoding and shapes; then that the shard list
+    covers chunks 0..chunks_total-1 exactly once, full chunks before the last, that every shard file on
+    disk is listed, and that the store has at least one target position.
 
     Raises:
         StoreError: the manifest itself is unusable (nothing else can be checked).
@@ -49,21 +54,41 @@ def verify_store(directory: str | Path, *, progress: bool = True) -> VerifyRepor
         else:
             report.samples += entry["samples"]
     bar.close()
-    m = store.manifest
-    if not m.get("complete"):
-        if m.get("chunks_total") is None:
-            report.problems.append(f"{MANIFEST}: the dump has not finished (no rank has recorded its end); "
-                                   f"re-run the same `kdengine dump` command to complete it")
-        else:
-            have = {s["chunk"] for s in m["shards"]}
-            missing = [c for c in range(m["chunks_total"]) if c not in have]
-            report.problems.append(f"{MANIFEST}: the dump is incomplete, chunks {_ranges(missing)} of "
-                                   f"{m['chunks_total']} are missing; re-run the same `kdengine dump` command")
+    report.problems += _coverage_problems(store.manifest)
+    if store.num_positions == 0 and store.manifest["shards"]:
+        report.problems.append(f"{MANIFEST}: the store holds no target position; dump a corpus with targets")
     for path in sorted(directory.glob("shard-*.safetensors")):
         if SHARD_RE.match(path.name) and path.name not in listed:
-            report.notes.append(f"{path.name}: not listed in {MANIFEST} (left by an interrupted dump; "
-                                f"the next run of the dump rewrites it)")
+            report.problems.append(f"{path.name}: on disk but not listed in {MANIFEST} (an entry was removed, "
+                                   f"or an interrupted dump left it; re-running the dump rewrites it)")
+            report.bad_files.append(path.name)
     return report
+
+
+def _coverage_problems(m: dict) -> list[str]:
+    """The shard list against chunks 0..chunks_total-1: each exactly once (format.check_manifest has
+    refused duplicates), and every chunk but the last full."""
+    if m.get("chunks_total") is None:
+        return [f"{MANIFEST}: the dump has not finished (no rank has recorded its end); "
+                f"re-run the same `kdengine dump` command to complete it"]
+    total, have = m["chunks_total"], [s["chunk"] for s in m["shards"]]
+    problems = []
+    missing = sorted(set(range(total)) - set(have))
+    if missing:
+        problems.append(f"{MANIFEST}: chunks {_ranges(missing)} of {total} are not listed (the dump is "
+                        f"incomplete or an entry was removed); re-run the same `kdengine dump` command")
+    extra = [c for c in have if c >= total]
+    if extra:
+        problems.append(f"{MANIFEST}: chunks {_ranges(extra)} are listed but the dump recorded only {total}")
+    if not missing and not extra and not m.get("complete"):
+        problems.append(f"{MANIFEST}: every chunk is listed but the manifest is not marked complete")
+    per_shard = m.get("dump", {}).get("shard_samples")
+    if isinstance(per_shard, int):
+        short = [s["chunk"] for s in m["shards"] if s["chunk"] < total - 1 and s["samples"] != per_shard]
+        if short:
+            problems.append(f"{MANIFEST}: chunks {_ranges(short)} do not hold {per_shard} samples each, so "
+                            f"the sample ranges are not contiguous; re-dump into a new --out directory")
+    return problems
 
 
 def _check_shard(store, which, entry, directory, bar) -> str | None:
@@ -78,14 +103,6 @@ def _check_shard(store, which, entry, directory, bar) -> str | None:
         return f"sha256 {digest[:16]}..., the manifest says {entry['sha256'][:16]}... (corrupt bytes)"
     try:
         shard = store.shard(which)
-        if len(shard) != entry["samples"]:
-            return f"holds {len(shard)} samples, the manifest says {entry['samples']}"
-        per_shard = store.manifest.get("dump", {}).get("shard_samples")
-        if per_shard:
-            first = entry["chunk"] * per_shard
-            if shard.sample_index.tolist() != list(range(first, first + len(shard))):
-                return (f"holds corpus samples starting {shard.sample_index.tolist()[:3]}, chunk {entry['chunk']} "
-                        f"should hold {first}..{first + len(shard) - 1}")
         positions = 0
         for j in range(len(shard)):
             sample = shard.sample(j)
