@@ -2,6 +2,9 @@
 wrote and has an output row for every teacher id."""
 from __future__ import annotations
 
+import warnings
+
+from kdengine.teachers.fingerprint import V1_NOTE, fingerprint_version
 from kdengine.train.errors import TrainError
 
 
@@ -19,10 +22,17 @@ def check_student_matches_store(
     id i is student row i.
 
     Args:
-        student_fingerprint: `tokenizer_fingerprint` of the student's tokenizer.
+        student_fingerprint: `tokenizer_fingerprint(student_tokenizer, like=store_fingerprint)` (the
+            store's fingerprint version, so a version 1 store compares as it was written).
         student_vocab: rows of the student's output head (logits width).
         store_fingerprint, store_vocab: from the store's manifest (the teacher's tokenizer and logits width).
     """
+    try:
+        version = fingerprint_version(store_fingerprint)
+    except ValueError as exc:
+        raise TrainError(f"{store_dir}: {exc}") from None
+    if version == 1:
+        warnings.warn(f"{store_dir}: {V1_NOTE}", stacklevel=2)
     if student_fingerprint != store_fingerprint:
         raise TrainError(
             f"tokenizer mismatch: student {student_dir} has tokenizer fingerprint {student_fingerprint[:16]}..., "

@@ -86,7 +86,7 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student)
         check_student_matches_store(
             student_dir=cfg.student,
-            student_fingerprint=tokenizer_fingerprint(self.tokenizer),
+            student_fingerprint=tokenizer_fingerprint(self.tokenizer, like=store.tokenizer_fingerprint),
             student_vocab=AutoConfig.from_pretrained(cfg.student).vocab_size,
             store_dir=cfg.store,
             store_fingerprint=store.tokenizer_fingerprint,
