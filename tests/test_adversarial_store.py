@@ -90,7 +90,7 @@ MANIFEST_EDITS = [  # (edit, what the refusal names)
     (_set("codec", "name", "sqrt"), r"the shard says codec = sqrt_ac, the manifest says codec = \"sqrt\""),
     (_set("k", 3), r"the shard says k = 4, the manifest says k = 3"),
     (_set("vocab_size", 500), r"the shard says vocab_size = \d+, the manifest says vocab_size = 500"),
-    (_set("tokenizer_fingerprint", "0" * 64), r"the shard says tokenizer_fingerprint = \w+, the manifest says"),
+    (_set("tokenizer_fingerprint", "0" * 64), r"the shard says tokenizer_fingerprint = v2:\w+, the manifest says"),
     (_set("teacher", "/elsewhere"), r"the shard says teacher = .*, the manifest says teacher = \"/elsewhere\""),
     (_shard0("tokens", 5), r"the manifest says tokens = \d+"),
     (_shard0("positions", -2), r"the manifest says positions = \d+"),

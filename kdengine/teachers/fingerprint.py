@@ -6,7 +6,7 @@ tokenizer matches the store's fingerprint can index the teacher's top-k ids dire
 Version 2 (`v2:<sha256 hex>`, the current one) hashes the fast tokenizer's whole pipeline as
 tokenizers serializes it - normalizer, pre-tokenizer, model (vocabulary, merges and their options),
 post-processor, added tokens (special or not) - plus the BOS/EOS/UNK ids and the special prefix
-kdengine puts before plain text. Left out on purpose: the padding token and padding/truncation
+kdengine puts before plain text (options set to null or "" count as unset). Left out on purpose: the padding token and padding/truncation
 settings (batching choices, often set at load time) and the decoder (ids -> text only). A tokenizer
 without a fast backend hashes its sentencepiece model, else its vocabulary.
 
@@ -62,13 +62,23 @@ def _v2_payload(tokenizer) -> dict:
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        pipeline = {k: v for k, v in json.loads(backend.to_str()).items() if k not in _NOT_IDS}
+        pipeline = _without_unset({k: v for k, v in json.loads(backend.to_str()).items() if k not in _NOT_IDS})
     elif getattr(tokenizer, "sp_model", None) is not None:
         pipeline = {"sentencepiece": sha256_bytes(tokenizer.sp_model.serialized_model_proto())}
     else:
         pipeline = {"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])}
     return {"pipeline": pipeline, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
             "unk": tokenizer.unk_token_id, "special_prefix": special_prefix(tokenizer)}
+
+
+def _without_unset(value):
+    """Drops options set to null or "" (they mean the same: a GGUF-converted tokenizer writes
+    continuing_subword_prefix "" where the original has null), recursively."""
+    if isinstance(value, dict):
+        return {k: _without_unset(v) for k, v in value.items() if v is not None and v != ""}
+    if isinstance(value, list):
+        return [_without_unset(v) for v in value]
+    return value
 
 
 def _v1(tokenizer) -> str:
