@@ -251,8 +251,8 @@ def inspect(directory, as_json, sample_index, top):
             click.echo(json.dumps(summary, indent=1) if as_json else format_summary(store, summary))
             return
         if not 0 <= sample_index < len(store):
-            raise click.ClickException(f"sample {sample_index} out of range: the store holds samples "
-                                       f"0..{len(store) - 1}")
+            held = f"samples 0..{len(store) - 1}" if len(store) else "no samples yet"
+            raise click.ClickException(f"sample {sample_index} out of range: the store holds {held}")
         sample = store[sample_index]
     except StoreError as e:
         raise click.ClickException(str(e)) from None

@@ -169,6 +169,16 @@ def test_a_sample_longer_than_the_teachers_context_is_refused_with_its_line(tmp_
         dump(config(tiny_model_dir, data, tmp_path / "c", max_length=600), teacher=teacher)
 
 
+def test_an_empty_store_fails_verify_and_inspect_says_so(tmp_path):
+    writer = StoreWriter(tmp_path / "s", header(), rank=0, world_size=1)
+    writer.finish(0)  # a store marked complete with nothing in it (the old dump wrote these)
+    writer.close()
+    report = verify_store(tmp_path / "s", progress=False)
+    assert report.problems == ["manifest.json: the store holds no target position; dump a corpus with targets"]
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "s"), "--sample", "0"])
+    assert result.exit_code == 1 and "sample 0 out of range: the store holds no samples yet" in result.output
+
+
 def test_a_corpus_without_any_target_is_an_error_not_an_empty_store(tmp_path, tiny_model_dir, teacher):
     data = corpus(tmp_path / "c.jsonl", [{"prompt": "How many apples does the farmer have?", "response": "Two."}])
     with pytest.raises(DumpError, match=rf"^{data}: no sample has a target position"):

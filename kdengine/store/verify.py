@@ -55,7 +55,7 @@ def verify_store(directory: str | Path, *, progress: bool = True) -> VerifyRepor
             report.samples += entry["samples"]
     bar.close()
     report.problems += _coverage_problems(store.manifest)
-    if store.num_positions == 0 and store.manifest["shards"]:
+    if store.num_positions == 0:
         report.problems.append(f"{MANIFEST}: the store holds no target position; dump a corpus with targets")
     for path in sorted(directory.glob("shard-*.safetensors")):
         if SHARD_RE.match(path.name) and path.name not in listed:
