@@ -17,6 +17,8 @@ Examples:
   torchrun --nproc_per_node=8 scripts/train.py ... --fsdp        # shard a student that does not fit one GPU
   python scripts/train.py --student S --store D --out O --resume  # continue from the newest checkpoint
   kdengine train --config run.yaml --steps 500                    # a config file; flags override it
+  kdengine train --student S --teacher T --data corpus.jsonl --out O   # online dense KD, no store
+  kdengine train --student S --teacher T --data C --out O --online-top-k 64 --hidden-weight 1
 """
 
 _OTHER_GROUP = "misc"
@@ -122,8 +124,10 @@ def resolve_config(ctx: click.Context, params: dict) -> TrainConfig:
 
 
 def _train(**params):
-    """Train a student against a teacher's top-k store with the sparse KL loss. Runs alone or under
-    torchrun (DDP, or FSDP with --fsdp); CUDA when available, else CPU with gloo."""
+    """Train a student against a teacher's top-k store with the sparse KL loss (--store), or against a
+    teacher running in the training process (--teacher and --data: dense or top-k KD, optional feature
+    KD; the teacher is replicated on every rank). Runs alone or under torchrun (DDP, or FSDP with --fsdp);
+    CUDA when available, else CPU with gloo."""
     from kdengine.train import TrainError, train
 
     cfg = resolve_config(click.get_current_context(), params)

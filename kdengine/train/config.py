@@ -14,7 +14,8 @@ import typing
 from dataclasses import dataclass
 from functools import cache
 
-GROUPS = ("inputs and outputs", "optimisation", "loss", "lora", "evaluation, logging, checkpoints", "misc")
+ONLINE = "online teacher (instead of --store)"
+GROUPS = ("inputs and outputs", "optimisation", "loss", ONLINE, "lora", "evaluation, logging, checkpoints", "misc")
 
 
 def option(
@@ -56,10 +57,11 @@ class TrainConfig:
     # inputs and outputs
     student: str = option(group="inputs and outputs", metavar="DIR",
                           help="student: a local HF causal-LM directory (see `kdengine make-student`)")
-    store: str = option(group="inputs and outputs", metavar="DIR",
-                        help="top-k store directory written by `kdengine dump`")
     out: str = option(group="inputs and outputs", metavar="DIR",
                       help="run directory: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, final/")
+    store: str | None = option(None, group="inputs and outputs", metavar="DIR",
+                               help="top-k store directory written by `kdengine dump` (or --teacher and --data "
+                                    "for an online teacher)")
     resume: bool = option(False, group="inputs and outputs",
                           help="continue from the newest complete checkpoint in --out")
 
@@ -96,6 +98,34 @@ class TrainConfig:
                          help="jsd mixture weight: m = beta * teacher + (1 - beta) * student")
     loss_impl: str = option("kernel", group="loss", choices=("kernel", "reference"),
                             help="kernel: the compiled sparse KL op; reference: the pure-torch spec (slow; for checks)")
+
+    # online teacher: runs in the training process under no_grad, on the same batches (replicated on
+    # every rank); the corpus gets the tokens and target positions `kdengine dump` would give it
+    teacher: str | None = option(None, group=ONLINE, metavar="PATH",
+                                 help="teacher run in the training process instead of a store: a local HF model "
+                                      "directory or .gguf file sharing the student's tokenizer (needs --data)")
+    data: str | None = option(None, group=ONLINE, metavar="FILE",
+                              help="corpus JSONL the online teacher runs on (the formats of `kdengine dump --data`)")
+    chat: bool = option(False, group=ONLINE,
+                        help="render prompt/response and question/answer lines with the chat template (as dump --chat)")
+    max_length: int | None = option(None, group=ONLINE, metavar="N", low=2,
+                                    help="keep the first N tokens of each sample (as dump --max-length)")
+    teacher_device: str | None = option(None, group=ONLINE, metavar="DEV",
+                                        help="device of the teacher: cpu, cuda, cuda:N (default: the student's)")
+    teacher_dtype: str | None = option(None, group=ONLINE, choices=("fp32", "bf16"),
+                                       help="teacher weights and compute (default: bf16 on CUDA, fp32 on CPU)")
+    online_top_k: int = option(0, group=ONLINE, metavar="K", low=0,
+                               help="0: dense KD, the full-vocabulary KL to the teacher; K: the teacher's top-K "
+                                    "(+ --tail) taken on the fly into the sparse KL kernel, as a store would hold it")
+    hidden_weight: float = option(0.0, group=ONLINE, metavar="W", low=0,
+                                  help="feature KD: add W times the hidden-state loss; 0 disables")
+    hidden_loss: str = option("cosine", group=ONLINE, choices=("mse", "cosine"),
+                              help="feature KD loss per row and layer pair")
+    hidden_layers: str | None = option(None, group=ONLINE, metavar="S:T,...",
+                                       help="feature KD pairs, student layer:teacher layer (0-based decoder layers), "
+                                            "e.g. '0:0,7:15,14:29'; a learned linear map per pair when the widths "
+                                            "differ (kept in checkpoints, not in the exported student). Default: the "
+                                            "layer map make-student recorded, else uniform")
 
     # evaluation, logging, checkpoints
     eval_every: int = option(200, group="evaluation, logging, checkpoints", metavar="N", low=0,
@@ -228,12 +258,22 @@ def check_value(spec: OptionSpec, value) -> str | None:
 
 def cross_field_problems(cfg: TrainConfig) -> list[str]:
     """Checks that involve more than one field (each field's own range is checked by `check_value`)."""
+    online = cfg.teacher is not None
+    online_only = (cfg.data, cfg.chat, cfg.max_length, cfg.teacher_device, cfg.teacher_dtype, cfg.online_top_k,
+                   cfg.hidden_weight, cfg.hidden_layers)
     checks = [
         (cfg.warmup_steps is None or cfg.warmup_steps <= cfg.steps,
          f"--warmup-steps must be in [0, --steps={cfg.steps}], got {cfg.warmup_steps}"),
-        (cfg.divergence == "fkl" or cfg.tail,
+        (cfg.divergence == "fkl" or cfg.tail or (online and cfg.online_top_k == 0),
          f"--divergence {cfg.divergence} needs --tail: without the tail bucket the student's mass outside the "
-         "teacher's top-k is invisible to it"),
+         "teacher's top-k is invisible to it (dense online KD, --online-top-k 0, needs no tail)"),
+        (cfg.store is None or not online, "--teacher and --store exclude each other: train against a store "
+         "(--store DIR) or an online teacher (--teacher PATH --data FILE), not both"),
+        (cfg.store is not None or online, "give --store DIR (a dumped top-k store) or --teacher PATH --data FILE "
+         "(an online teacher)"),
+        (not online or cfg.data is not None, "--teacher needs --data FILE, the corpus the teacher runs on"),
+        (online or not any(online_only), "--data, --chat, --max-length, --teacher-*, --online-top-k and --hidden-* "
+         "need --teacher (online); a store already holds its tokens and targets"),
     ]
     return [msg for ok, msg in checks if not ok]
 

@@ -127,7 +127,8 @@ def collate(samples: list[dict], *, pad_id: int) -> dict:
     Args:
         samples: store items: input_ids int [T], positions int [P] (t whose next-token distribution
             is stored), topk_idx int32 [P, K], topk_logp float32 [P, K]; or, from a sampled-target
-            store, sample_idx/sample_count/sample_logp [P, K_j] and sample_log_norm [P].
+            store, sample_idx/sample_count/sample_logp [P, K_j] and sample_log_norm [P]; or corpus samples
+            with neither (an online teacher computes the targets), which the batch then lacks too.
         pad_id: token id for padding (masked out; any valid id works).
     Returns:
         dict with input_ids int64 [B, L], attention_mask int64 [B, L], rows int64 [N] (indices into the

@@ -20,16 +20,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kdengine.train import checkpoint as ckpt_io
+from kdengine.train import hidden as feature_kd
 from kdengine.train.config import TrainConfig, write_config_yaml
-from kdengine.train.data import BatchSchedule, DataPosition, collate, plan_batches, split_heldout
+from kdengine.train.data import BatchSchedule, DataPosition, plan_batches, split_heldout
 from kdengine.train.distributed import all_reduce_sum, barrier, gather_objects, init_distributed, shutdown, wrap_model
 from kdengine.train.errors import TrainError
-from kdengine.train.guard import check_student_matches_store
 from kdengine.train.model import TargetLogits, check_student_dir, decoder_layers, load_student, tied_aliases
-from kdengine.losses import sampled_kl
-from kdengine.losses.sampled_reference import sampled_kl_reference
 from kdengine.train.optim import build_optimizer, build_scheduler
-from kdengine.train.sampled_targets import SampledTargets, check_sampled_options
+from kdengine.train.sources import OnlineSource, StoreSource
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -46,24 +44,6 @@ def run(cfg: TrainConfig) -> dict:
         trainer.cleanup()
 
 
-class _StoreBatches(Dataset):
-    """Decodes and collates one batch of store samples per key; opens the store lazily in each
-    DataLoader worker."""
-
-    def __init__(self, store_dir: str, sample_ids_of, pad_id: int):
-        self._store_dir = store_dir
-        self._sample_ids_of = sample_ids_of
-        self._pad_id = pad_id
-        self._store = None
-
-    def __getitem__(self, key) -> dict:
-        if self._store is None:
-            from kdengine.store import open_store
-
-            self._store = open_store(self._store_dir)
-        return collate([self._store[i] for i in self._sample_ids_of(key)], pad_id=self._pad_id)
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -77,53 +57,44 @@ class Trainer:
     def setup(self) -> None:
         cfg, info = self.cfg, self.info
         torch.manual_seed(cfg.seed)
-        store = _open_store(cfg.store)
         check_student_dir(cfg.student)
         from transformers import AutoConfig, AutoTokenizer
 
-        from kdengine.teachers import tokenizer_fingerprint
-
+        self.source = self._open_source()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.student)
-        check_student_matches_store(
-            student_dir=cfg.student,
-            student_fingerprint=tokenizer_fingerprint(self.tokenizer, like=store.tokenizer_fingerprint),
-            student_vocab=AutoConfig.from_pretrained(cfg.student).vocab_size,
-            store_dir=cfg.store,
-            store_fingerprint=store.tokenizer_fingerprint,
-            store_vocab=store.vocab_size,
-        )
-        resume_from = self._resume_point(len(store))
+        student_config = AutoConfig.from_pretrained(cfg.student)
+        self.source.check_student(cfg.student, self.tokenizer, student_config.vocab_size)
+        pairs = self._hidden_pairs(student_config)
+        resume_from = self._resume_point(self.source.num_samples)
 
-        lengths = _sample_lengths(store)
-        self.store_samples = len(store)
+        lengths = self.source.lengths
+        self.store_samples = self.source.num_samples
         try:
-            train_ids, self.eval_ids = split_heldout(len(store), cfg.eval_fraction, cfg.seed)
+            train_ids, self.eval_ids = split_heldout(self.source.num_samples, cfg.eval_fraction, cfg.seed)
         except ValueError as exc:
-            raise TrainError(f"store {cfg.store}: {exc}; dump more samples or lower --eval-fraction") from None
+            raise TrainError(f"{self.source.description}: {exc}; use more samples or lower --eval-fraction") from None
         self.schedule = BatchSchedule(train_ids, lengths, cfg.batch_tokens, cfg.seed)
         self.eval_batches = plan_batches(self.eval_ids, lengths, cfg.batch_tokens, seed=None)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.train_data = _StoreBatches(cfg.store, self.schedule.batches_at, pad_id)
-        self.eval_data = _StoreBatches(cfg.store, self.eval_batches.__getitem__, pad_id)
+        self.train_data = self.source.batches(self.schedule.batches_at, pad_id)
+        self.eval_data = self.source.batches(self.eval_batches.__getitem__, pad_id)
 
         self.hf_model = load_student(resume_from or cfg.student, grad_checkpointing=cfg.grad_checkpointing)
         self.hf_model.to(info.device)
         self._tied = tied_aliases(self.hf_model)
-        head = TargetLogits(self.hf_model)
-        probe = store[train_ids[0]]["input_ids"][:16].long()
+        if pairs:
+            self.source.capture_hidden([t for _, t in pairs])
+            head = feature_kd.StudentWithHidden(self.hf_model, pairs, self.source.hidden_size).to(info.device)
+            if resume_from is not None:
+                feature_kd.load_projections(head, resume_from)
+        else:
+            head = TargetLogits(self.hf_model)
+        probe = self.source.probe_ids(train_ids[0])[:16]
         head.check_matches_full_forward(probe[None].to(info.device))
         self.module = wrap_model(head, decoder_layers(self.hf_model), info, fsdp=cfg.fsdp)
         self.module.train()
         self.optimizer = build_optimizer(self.module, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.loss_fn = _loss_function(cfg.loss_impl)
-        self._sampled_tau = None  # a sampled-target store: its proposal temperature
-        if store.targets == "sample":
-            check_sampled_options(store, temperature=cfg.temperature, tail=cfg.tail)
-            if cfg.divergence != "fkl":
-                raise TrainError(f"store {cfg.store} holds sampled targets, whose loss is forward KL only; "
-                                 f"--divergence {cfg.divergence} needs a top-k store (`kdengine dump --targets topk`)")
-            self._sampled_tau = float(store.codec_params["proposal_temperature"])
         if resume_from is not None:
             self._load_training_state(resume_from)
         if info.is_main:
@@ -135,6 +106,26 @@ class Trainer:
                 f"{info.world} process(es) on {info.device.type}{self._parallelism()}; "
                 f"step {self.step} of {cfg.steps}"
             )
+
+    def _open_source(self):
+        """The targets' source: the store, or the online teacher (on --teacher-device, else the student's)."""
+        cfg = self.cfg
+        if cfg.store is not None:
+            return StoreSource(cfg.store, tail=cfg.tail, temperature=cfg.temperature, loss_impl=cfg.loss_impl,
+                               divergence=cfg.divergence, beta=cfg.beta)
+        device = torch.device(cfg.teacher_device) if cfg.teacher_device else self.info.device
+        return OnlineSource(teacher=cfg.teacher, data=cfg.data, device=device, dtype=cfg.teacher_dtype,
+                            chat=cfg.chat, max_length=cfg.max_length, top_k=cfg.online_top_k, tail=cfg.tail,
+                            loss_impl=cfg.loss_impl, divergence=cfg.divergence, beta=cfg.beta,
+                            progress=self.info.is_main)
+
+    def _hidden_pairs(self, student_config) -> list[tuple[int, int]]:
+        """The (student layer, teacher layer) pairs of feature KD; [] when --hidden-weight is 0."""
+        if self.cfg.hidden_weight == 0:
+            return []
+        return feature_kd.layer_pairs(self.cfg.hidden_layers, student_layers=student_config.num_hidden_layers,
+                                      teacher_layers=self.source.num_layers,
+                                      recorded_map=getattr(student_config, "kdengine_layer_map", None))
 
     def _resume_point(self, store_samples: int) -> Path | None:
         existing = ckpt_io.newest_checkpoint(self.out)
@@ -153,9 +144,9 @@ class Trainer:
             return None
         state = ckpt_io.read_train_state(existing)
         if state.store_samples != store_samples:
-            raise TrainError(f"{existing} was trained on a store of {state.store_samples} samples, {self.cfg.store} "
+            raise TrainError(f"{existing} was trained on {state.store_samples} samples, {self.source.description} "
                              f"now has {store_samples}: the held-out split and batch order would change; "
-                             "resume with the original store or start a new --out")
+                             "resume with the original data or start a new --out")
         if state.step >= self.cfg.steps:
             raise TrainError(f"{existing} is at step {state.step}, already >= --steps {self.cfg.steps}; "
                              "raise --steps to train further")
@@ -210,7 +201,7 @@ class Trainer:
                 window.data_wait += time.perf_counter() - t0
             _, self.position = self.schedule.advance(self.position, info.world * accum)
             targets = all_reduce_sum(torch.tensor(float(sum(b["targets"] for b in micro))), info).item()
-            sums = torch.zeros(3, dtype=torch.float64, device=info.device)  # loss, kd, ce: sums over targets
+            sums = torch.zeros(4, dtype=torch.float64, device=info.device)  # loss, kd, ce, hidden: sums over targets
             for a, batch in enumerate(micro):
                 with self._grad_sync(a == accum - 1):
                     sums += self._micro_step(batch, max(targets, 1.0), with_parts=log_now)
@@ -240,33 +231,28 @@ class Trainer:
         """Forward + backward of one micro-batch.
 
         Returns:
-            float64 [3] on the device: sums over its targets of the loss, and (only when `with_parts`)
-            of its KD and CE parts.
+            float64 [4] on the device: sums over its targets of the loss, (only when `with_parts`) of its
+            KD and CE parts, and of the feature-KD loss (0 without it). The loss includes
+            --hidden-weight times the feature-KD loss.
         """
         cfg, dev = self.cfg, self.info.device
         b = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        targets = self.source.targets(b)
         with self._autocast():
-            logits = self.module(b["input_ids"], b["attention_mask"], b["rows"])
-        if self._sampled_tau is not None:
-            loss, parts = self._sampled(b).loss(logits, b["labels"], alpha=cfg.alpha, temperature=cfg.temperature,
-                                                with_parts=with_parts)
-        else:
-            result = self.loss_fn(logits, b["topk_idx"], b["topk_logp"], b["labels"], tail=cfg.tail, alpha=cfg.alpha,
-                                  temperature=cfg.temperature, divergence=cfg.divergence, beta=cfg.beta,
-                                  reduction="sum", return_parts=with_parts)
-            loss = result.loss if with_parts else result
-            parts = torch.stack([result.kd, result.ce]) if with_parts else None  # from the same kernel pass
+            logits, hidden = _split_outputs(self.module(b["input_ids"], b["attention_mask"], b["rows"]))
+        loss, parts = targets.loss(logits, b["labels"], alpha=cfg.alpha, temperature=cfg.temperature,
+                                   with_parts=with_parts)
+        out = torch.zeros(4, dtype=torch.float64, device=dev)
+        if hidden is not None:
+            feature = feature_kd.hidden_loss_rows(hidden, targets.hidden, cfg.hidden_loss).sum()
+            loss = loss + cfg.hidden_weight * feature
+            out[3] = feature.detach()
         # DDP and FSDP average gradients over ranks; scaling by world makes the result sum / global count.
         (loss * (self.info.world / global_targets)).backward()
-        out = torch.zeros(3, dtype=torch.float64, device=dev)
         out[0] = loss.detach()
-        if with_parts:
-            out[1:] = parts
+        if parts is not None:
+            out[1:3] = parts
         return out
-
-    def _sampled(self, b: dict) -> SampledTargets:
-        return SampledTargets(b, proposal_temperature=self._sampled_tau,
-                              loss_fn=sampled_kl_reference if self.cfg.loss_impl == "reference" else sampled_kl)
 
     def _clip(self) -> torch.Tensor:
         """Clips the global gradient norm; returns the norm before clipping (a 0-dim tensor)."""
@@ -302,17 +288,12 @@ class Trainer:
         for j, batch in enumerate(_loader(self.eval_data, keys, self.cfg.workers, info)):
             b = {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self._autocast():
-                logits = self.module(b["input_ids"], b["attention_mask"], b["rows"])
+                logits, _ = _split_outputs(self.module(b["input_ids"], b["attention_mask"], b["rows"]))
             if j >= len(mine) or b["targets"] == 0:
                 continue
-            if self._sampled_tau is not None:
-                targets = self._sampled(b)
-                teacher_top1, kd = targets.teacher_top1(), targets.eval_kd(logits)
-            else:
-                teacher_top1 = b["topk_idx"].gather(1, b["topk_logp"].argmax(1, keepdim=True)).squeeze(1).long()
-                kd = self.loss_fn(logits, b["topk_idx"], b["topk_logp"], None, tail=self.cfg.tail, reduction="sum")
-            sums[0] += float(kd)
-            sums[1] += float((logits.argmax(-1) == teacher_top1).sum())
+            targets = self.source.targets(b)
+            sums[0] += float(targets.eval_kd(logits))
+            sums[1] += float((logits.argmax(-1) == targets.teacher_top1()).sum())
             sums[2] += b["targets"]
         self.module.train()
         sums = all_reduce_sum(sums, info)
@@ -341,6 +322,7 @@ class Trainer:
             "ce": sums[2].item() / n,
             "divergence": self.cfg.divergence,
             "beta": self.cfg.beta,
+            **({"hidden": sums[3].item() / n} if self.cfg.hidden_weight else {}),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "targets": int(targets),
@@ -364,13 +346,15 @@ class Trainer:
         optim_state = get_optimizer_state_dict(self.module, self.optimizer, options=opts)
         rngs = gather_objects(ckpt_io.rng_state(), self.info)
         if self.info.is_main:
-            hf_state = {k.removeprefix("model."): v for k, v in model_state.items()}
+            projections = feature_kd.projection_state(model_state)
+            hf_state = {k.removeprefix("model."): v for k, v in model_state.items() if k not in projections}
             hf_state = {k: v for k, v in hf_state.items() if k not in self._tied}
             state = ckpt_io.TrainState(step=self.step, epoch=self.position.epoch, batch_index=self.position.index,
                                        world=self.info.world, store_samples=self.store_samples,
                                        config=self.cfg.to_dict())
             path = ckpt_io.save_checkpoint(
-                self.out, state, write_model=lambda d: self._write_hf_and_config(d, hf_state), optimizer_state=optim_state,
+                self.out, state, optimizer_state=optim_state,
+                write_model=lambda d: (self._write_hf_and_config(d, hf_state), feature_kd.save_projections(d, projections)),
                 scheduler_state=self.scheduler.state_dict(), rng_states=rngs, keep=self.cfg.keep_checkpoints,
             )
             self._say(f"saved {path}")
@@ -461,39 +445,9 @@ class _MetricsLog:
             f.close()
 
 
-def _open_store(path: str):
-    if not Path(path).is_dir():
-        raise TrainError(f"store {path} does not exist; make one with "
-                         f"`kdengine dump --teacher TEACHER --data FILE --out {path} --top-k 64`")
-    from kdengine.store import StoreError, open_store
-
-    try:
-        store = open_store(path)
-    except StoreError as exc:
-        raise TrainError(f"store {path}: {exc}") from None
-    if not store.complete:
-        raise TrainError(f"store {path} is incomplete (its dump is running or was interrupted); re-run the same "
-                         "`kdengine dump` command to finish it: training needs a fixed set of samples")
-    if len(store) == 0:
-        raise TrainError(f"store {path} holds no samples")
-    return store
-
-
-def _sample_lengths(store) -> list[int]:
-    """Token count of every sample, from the shards' offset tables (no payload is decoded)."""
-    import numpy as np
-
-    return np.concatenate([np.diff(store.shard(s).token_offsets) for s in range(store.num_shards)]).tolist()
-
-
-def _loss_function(impl: str):
-    if impl == "reference":
-        from kdengine.losses.reference import sparse_kl_reference
-
-        return sparse_kl_reference
-    from kdengine.losses import sparse_kl
-
-    return sparse_kl
+def _split_outputs(out) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """(logits, projected hidden states or None): the training module returns the pair with feature KD."""
+    return out if isinstance(out, tuple) else (out, None)
 
 
 def _loader(dataset: Dataset, keys: list, workers: int, info) -> DataLoader:
