@@ -231,3 +231,30 @@ def test_bad_inputs_are_one_line_errors(tiny_model_dir, corpus, raw_store, stude
     line = _cli_error("--student", student, "--teacher", tiny_model_dir, "--out", tmp_path / "f")
     assert "--teacher needs --data FILE" in line
     assert not any((tmp_path / d).exists() for d in "abcdef")
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_with_feature_kd(tiny_model_dir, corpus, narrow_student, tmp_path):
+    """The teacher replicated per rank, the projections data-parallel like the student."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    common = ["--steps", 3, "--batch-tokens", 128, "--alpha", 0.5, "--hidden-weight", 0.5,
+              "--hidden-layers", "0:0,1:1"]
+    main(_online(narrow_student, tiny_model_dir, corpus, tmp_path / "one", *common, "--grad-accum", 4))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(repo / "scripts" / "train.py"),
+           *_online(narrow_student, tiny_model_dir, corpus, tmp_path / "two", *common, "--grad-accum", 2)]
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert [r["targets"] for r in two] == [r["targets"] for r in one]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert [r["hidden"] for r in two] == pytest.approx([r["hidden"] for r in one], rel=1e-5)
+    a = load_file(str(tmp_path / "one" / "checkpoints" / "step-00000003" / PROJECTIONS_FILE))
+    b = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000003" / PROJECTIONS_FILE))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

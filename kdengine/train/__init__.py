@@ -1,11 +1,12 @@
-"""Training a student against a top-k store.
+"""Training a student against a top-k store, or against a teacher running in the training process.
 
 `kdengine train` (`command.train_command`, also run by `scripts/train.py` under torchrun) parses the
 options into a `TrainConfig` and calls `train(cfg)`; `main(argv)` does the same from Python.
 `kdengine.train.student.make_student` builds a student from a teacher (`kdengine make-student`).
 
 Modules: config (TrainConfig: every option, its help and bounds), command (the click command built from
-it, `--config` files), student (initialisation), guard (tokenizer/vocab check), data (held-out split,
+it, `--config` files), sources (store or online teacher: where a batch's targets come from), hidden
+(feature KD), student (initialisation), guard (tokenizer/vocab check), data (held-out split,
 token-budget batches, rank split, collation), model (target-row logits), optim (AdamW, warmup + cosine),
 distributed (torchrun env, DDP/FSDP2), checkpoint (atomic save, newest-complete discovery), loop (the run).
 """

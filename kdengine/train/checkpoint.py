@@ -8,6 +8,7 @@ A checkpoint directory is itself an HF model directory (config, model safetensor
       optimizer.pt        full (unsharded) optimizer state, keyed by parameter name
       trainer.pt          LR scheduler state and every rank's RNG states
       trainer_state.json  step, data position, world size, store size, run config (written last)
+      projections.safetensors  feature KD's learned maps, when it has any (train/hidden.py)
 
 It is written under a temporary name and renamed into place after every file is flushed to disk, so a
 run killed at any moment leaves either the complete checkpoint or none; a leftover temporary directory
