@@ -49,7 +49,7 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
-@dataclass
+@dataclass(kw_only=True)  # --store is optional (an online run has --teacher), --out is not
 class TrainConfig:
     """Everything a run depends on. Saved in every checkpoint; a resume refuses changes to the fields
     that decide the data order and warns about the others."""
@@ -57,11 +57,11 @@ class TrainConfig:
     # inputs and outputs
     student: str = option(group="inputs and outputs", metavar="DIR",
                           help="student: a local HF causal-LM directory (see `kdengine make-student`)")
-    out: str = option(group="inputs and outputs", metavar="DIR",
-                      help="run directory: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, final/")
     store: str | None = option(None, group="inputs and outputs", metavar="DIR",
                                help="top-k store directory written by `kdengine dump` (or --teacher and --data "
                                     "for an online teacher)")
+    out: str = option(group="inputs and outputs", metavar="DIR",
+                      help="run directory: config.yaml, metrics.jsonl, eval.jsonl, checkpoints/, final/")
     resume: bool = option(False, group="inputs and outputs",
                           help="continue from the newest complete checkpoint in --out")
 
