@@ -55,7 +55,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--hidden-weight", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default="abcde", help="runs to (re)do; the others are read from --out")
+    p.add_argument("--only", default="acbed", help="runs to (re)do, in this order; the others are read from --out")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="training runs at a time (each its own process; >1 on a machine shared with other jobs "
+                        "gets more of the CPU, at the price of tokens/s figures measured side by side)")
     p.add_argument("--results", default=str(REPO / "scripts" / "results" / "online_yardstick"))
     args = p.parse_args()
     out = Path(args.out)
@@ -74,7 +77,7 @@ def main() -> None:
 
         make_student(str(teacher_dir), layers=args.layers, layer_map="uniform", out=str(student))
     store = out / "store"
-    if "c" in args.only or "d" in args.only or not (store / "manifest.json").is_file():
+    if not (store / "manifest.json").is_file():
         clock = time.perf_counter()
         _kdengine(["dump", "--teacher", teacher_dir, "--data", train_file, "--out", store, "--top-k", args.top_k,
                    "--chat", "--batch-size", 16], out / "dump.log")
@@ -91,15 +94,23 @@ def main() -> None:
         "d": ["--store", store, "--alpha", 0],
         "e": online + ["--hidden-weight", args.hidden_weight, "--hidden-loss", "cosine"],
     }
-    for name in args.only:
-        run_dir = out / f"run_{name}"
-        if run_dir.exists():
-            import shutil
+    import shutil
 
-            shutil.rmtree(run_dir)
-        clock = time.perf_counter()
-        _kdengine(["train", *common, "--out", run_dir, *flags[name]], out / f"run_{name}.log")
-        walls[f"train_{name}"] = time.perf_counter() - clock
+    for name in args.only:
+        shutil.rmtree(out / f"run_{name}", ignore_errors=True)
+    pending = [(name, ["train", *common, "--out", out / f"run_{name}", *flags[name]]) for name in args.only]
+    running: dict = {}
+    while pending or running:  # at most --parallel runs at a time, each its own process
+        while pending and len(running) < args.parallel:
+            name, argv = pending.pop(0)
+            running[name] = (_start(argv, out / f"run_{name}.log"), time.perf_counter())
+        time.sleep(1)
+        for name, (proc, started) in list(running.items()):
+            if proc.poll() is not None:
+                if proc.returncode:
+                    raise SystemExit(f"kdengine train ({name}) failed (exit {proc.returncode}); see {out}/run_{name}.log")
+                walls[f"train_{name}"] = time.perf_counter() - started
+                del running[name]
 
     clock = time.perf_counter()
     scores = _score(teacher_dir, heldout_file, student, out)
@@ -130,14 +141,17 @@ def _write_corpora(args, out: Path) -> tuple[Path, Path]:
     return files["train"], files["heldout"]
 
 
-def _kdengine(argv: list, log: Path) -> None:
-    cmd = [sys.executable, "-m", "kdengine", *map(str, argv)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def _start(argv: list, log: Path) -> subprocess.Popen:
     print("$ kdengine " + " ".join(map(str, argv)), flush=True)
     with open(log, "w") as f:
-        done = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if done.returncode:
-        raise SystemExit(f"kdengine {argv[0]} failed (exit {done.returncode}); see {log}")
+        return subprocess.Popen([sys.executable, "-m", "kdengine", *map(str, argv)], stdout=f,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _kdengine(argv: list, log: Path) -> None:
+    proc = _start(argv, log)
+    if proc.wait():
+        raise SystemExit(f"kdengine {argv[0]} failed (exit {proc.returncode}); see {log}")
 
 
 def _score(teacher_dir: Path, heldout_file: Path, student: Path, out: Path) -> dict:
