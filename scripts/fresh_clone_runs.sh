@@ -12,6 +12,9 @@ rm -rf "$clone"
 log "git clone $src $clone ($(git -C "$src" rev-parse --short HEAD))"
 git clone -q "$src" "$clone"
 cd "$clone"
+# a source worktree with a detached HEAD (as /work/main is) clones as that old commit: take its main branch
+git checkout -q -B main origin/main
+log "checked out main at $(git rev-parse --short HEAD)"
 t0=$(date +%s)
 log "bash scripts/install.sh && .venv/bin/kdengine demo"
 bash scripts/install.sh
