@@ -1,6 +1,6 @@
 // The only file that handles torch tensors and Python objects: checks them (naming the argument,
 // expected vs got), fills the plain params structs of sparse_kl.h and dispatches to the CPU or CUDA
-// kernels; and wraps the store's top-k entropy coder (topk_codec.h) for numpy arrays. User-facing
+// kernels; the store's top-k coder is bound in topk_codec_bindings.cpp. User-facing
 // validation (ValueError with row numbers) lives in kdengine/losses/sparse_kl.py and
 // kdengine/store/codec.py; these checks guard the raw ops.
 #include <optional>
@@ -9,13 +9,12 @@
 #include <utility>
 #include <vector>
 
-#include <pybind11/numpy.h>
 #include <torch/extension.h>
 
 #include "sparse_kl.h"
 #include "sparse_kl_math.h"
 #include "sampled_kl.h"
-#include "topk_codec.h"
+#include "topk_codec_bindings.h"
 
 #if defined(KDENGINE_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
@@ -251,72 +250,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sampled_forward(
   return {loss_rows, row_stats, sample_grad};
 }
 
-// ---- the store's top-k coder (numpy in, numpy/bytes out) ----------------------------------------
-namespace py = pybind11;
-using Int32Array = py::array_t<int32_t, py::array::c_style>;  // no forcecast: int32 exactly
-
-void check_array(const Int32Array& a, const char* name, std::vector<int64_t> shape) {
-  std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
-  if (got != shape) {
-    auto show = [](const std::vector<int64_t>& v) {
-      std::string s = "[";
-      for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
-      return s + "]";
-    };
-    throw py::value_error(std::string("TopKCoder: ") + name + " must have shape " + show(shape) + ", got " + show(got));
-  }
-}
-
-TopKRows rows_of(const Int32Array& context, const Int32Array& prev, const Int32Array& next) {
-  const int64_t p = context.ndim() == 1 ? context.shape(0) : -1;
-  check_array(context, "context", {p});
-  check_array(prev, "prev_context", {p});
-  check_array(next, "next", {p});
-  TopKRows r;
-  r.rows = p;
-  r.context = context.data();
-  r.prev_context = prev.data();
-  r.next = next.data();
-  return r;
-}
-
-py::bytes coder_encode(const TopKCoder& coder, const Int32Array& ids, const Int32Array& levels, const Int32Array& tail,
-                       const Int32Array& context, const Int32Array& prev, const Int32Array& next) {
-  TopKRows r = rows_of(context, prev, next);
-  check_array(ids, "ids", {r.rows, coder.k()});
-  check_array(levels, "levels", {r.rows, coder.k()});
-  check_array(tail, "tail", {r.rows});
-  r.ids = const_cast<int32_t*>(ids.data());
-  r.levels = const_cast<int32_t*>(levels.data());
-  r.tail = const_cast<int32_t*>(tail.data());
-  std::vector<uint8_t> body;
-  {
-    py::gil_scoped_release release;
-    body = coder.encode(r);
-  }
-  return py::bytes(reinterpret_cast<const char*>(body.data()), body.size());
-}
-
-py::tuple coder_decode(const TopKCoder& coder, const py::buffer& body, const Int32Array& context,
-                       const Int32Array& prev, const Int32Array& next) {
-  const py::buffer_info info = body.request();
-  if (info.ndim != 1 || info.itemsize != 1 || (info.shape[0] > 1 && info.strides[0] != 1)) {
-    throw py::value_error("TopKCoder.decode: body must be contiguous bytes");
-  }
-  TopKRows r = rows_of(context, prev, next);
-  Int32Array ids({r.rows, static_cast<int64_t>(coder.k())});
-  Int32Array levels({r.rows, static_cast<int64_t>(coder.k())});
-  Int32Array tail({r.rows});
-  r.ids = ids.mutable_data();
-  r.levels = levels.mutable_data();
-  r.tail = tail.mutable_data();
-  {
-    py::gil_scoped_release release;
-    coder.decode(static_cast<const uint8_t*>(info.ptr), static_cast<size_t>(info.shape[0]), r);
-  }
-  return py::make_tuple(ids, levels, tail);
-}
-
 }  // namespace
 }  // namespace kdengine
 
@@ -328,16 +261,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "sampled-target KL forward -> (loss_rows, row_stats, sample_grad); its backward is `backward`");
   m.def("has_cuda", &kdengine::has_cuda, "whether this build has the CUDA kernels");
 
-  py::register_exception<kdengine::TopKCodecError>(m, "TopKCodecError", PyExc_ValueError);
-  py::class_<kdengine::TopKCoder>(m, "TopKCoder", "the sqrt_ac codec's coder (csrc/topk_codec.h)")
-      .def(py::init([](int k, int vocab, int max_level, const py::array_t<uint32_t, py::array::c_style>& prior) {
-             std::vector<uint32_t> weights(prior.data(), prior.data() + prior.size());
-             return new kdengine::TopKCoder(k, vocab, max_level, std::move(weights));
-           }),
-           py::arg("k"), py::arg("vocab"), py::arg("max_level"), py::arg("prior"))
-      .def("encode", &kdengine::coder_encode, py::arg("ids"), py::arg("levels"), py::arg("tail"), py::arg("context"),
-           py::arg("prev_context"), py::arg("next"),
-           "int32 ids/levels [P, K] (any order in a row), tail/context/prev_context/next [P] -> body bytes")
-      .def("decode", &kdengine::coder_decode, py::arg("body"), py::arg("context"), py::arg("prev_context"),
-           py::arg("next"), "body + int32 [P] tokens -> (ids [P, K], levels [P, K], tail [P]); raises TopKCodecError");
+  kdengine::bind_topk_codec(m);
 }

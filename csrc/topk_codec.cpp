@@ -14,6 +14,7 @@
 #include "topk_codec.h"
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -76,6 +77,7 @@ struct NumberModel {
 // ---- rANS ---------------------------------------------------------------------------------------
 struct Symbol {
   uint32_t start, freq, bits;  // freq == 0: set run number `start`
+  bool id;                     // part of coding an id (for the cost split only)
 };
 
 // A member of a set run when the run starts: in the base table, the weight of the ids below it and
@@ -99,12 +101,12 @@ uint32_t bonus_share(uint32_t base, uint32_t bonus) {
 // Collects the symbols in decoding order; finish() codes them last to first (rANS is a stack).
 class Encoder {
  public:
-  int bit(BitModel& m, int b) {
+  int bit(BitModel& m, int b, bool id = false) {
     const uint32_t p0 = m.p;
     if (b) {
-      put(p0, 65536u - p0, kBitBits);
+      put(p0, 65536u - p0, kBitBits, id);
     } else {
-      put(0, p0, kBitBits);
+      put(0, p0, kBitBits, id);
     }
     update(m, b);
     return b;
@@ -117,7 +119,9 @@ class Encoder {
     }
     return v;
   }
-  void put(uint32_t start, uint32_t freq, uint32_t bits) { symbols_.push_back({start, freq, bits}); }
+  void put(uint32_t start, uint32_t freq, uint32_t bits, bool id = false) {
+    symbols_.push_back({start, freq, bits, id});
+  }
   std::vector<SetMember>& members() { return members_; }
   void reset() {
     symbols_.clear();
@@ -128,10 +132,13 @@ class Encoder {
   void put_set(size_t first, uint32_t base_total, uint32_t bonus_total) {
     if (members_.size() == first) return;
     runs_.push_back({first, members_.size() - first, base_total, bonus_total});
-    symbols_.push_back({static_cast<uint32_t>(runs_.size() - 1), 0, 0});
+    symbols_.push_back({static_cast<uint32_t>(runs_.size() - 1), 0, 0, true});
   }
 
-  std::vector<uint8_t> finish() {
+  // id_bits: if not null, the information content of the id symbols (set runs and the next-token flags).
+  std::vector<uint8_t> finish(double* id_bits = nullptr) {
+    id_bits_ = id_bits;
+    if (id_bits_) *id_bits_ = 0.0;
     x_ = kRansL;
     words_.clear();
     words_.reserve(symbols_.size() / 2 + 4);
@@ -141,6 +148,7 @@ class Encoder {
         encode_set(runs_[s.start]);
       } else {
         push(s.start, s.freq, s.bits);
+        if (id_bits_ && s.id) *id_bits_ += s.bits - std::log2(static_cast<double>(s.freq));
       }
     }
     std::vector<uint8_t> out(8 + 4 * words_.size());
@@ -165,6 +173,7 @@ class Encoder {
   // the state's low bits fall in. Words needed beyond those written so far are zeros, which the
   // decoder finds left over at the end.
   void take(uint32_t start, uint32_t freq) {
+    if (id_bits_) *id_bits_ -= kBitBits - std::log2(static_cast<double>(freq));
     x_ = freq * (x_ >> 16) + (x_ & 0xffff) - start;
     if (x_ < kRansL) {
       uint32_t w = 0;
@@ -211,6 +220,7 @@ class Encoder {
       const uint64_t c = in_bonus ? base_total + bonus_before : base_before;
       const uint64_t start = (c << kIdBits) / range, end = ((c + (in_bonus ? m.bonus : m.base)) << kIdBits) / range;
       push(static_cast<uint32_t>(start), static_cast<uint32_t>(end - start), kIdBits);
+      if (id_bits_) *id_bits_ += kIdBits - std::log2(static_cast<double>(end - start));
       alive_[e] = 0;
     }
   }
@@ -221,6 +231,7 @@ class Encoder {
   std::vector<uint8_t> alive_;
   std::vector<uint32_t> words_;
   uint64_t x_ = kRansL;
+  double* id_bits_ = nullptr;
 };
 
 class Decoder {
@@ -237,7 +248,7 @@ class Decoder {
     if (x_ < kRansL || x_ >= (1ull << 63)) throw TopKCodecError("body starts with an invalid coder state");
     at_ = 8;
   }
-  int bit(BitModel& m, int) {
+  int bit(BitModel& m, int, bool = false) {
     const uint32_t p0 = m.p;
     const int b = (x_ & 0xffff) >= p0;
     if (b) {
@@ -421,6 +432,11 @@ struct Models {
   BitModel next_in_first_run[kLevelBuckets];
 };
 
+// Ragged coders only: the row's entry count - 1, in the context of its top level.
+struct CountModels {
+  NumberModel count[kLevelBuckets];
+};
+
 
 // The bonus part of a row's weights: ids in the order they were given, each with its bonus weight,
 // in a Fenwick tree over that order. place[id] is 1 + the id's position, 0 if not listed.
@@ -498,9 +514,14 @@ class Frame {
     k_ = coder.k();
     vocab_ = coder.vocab();
     max_level_ = coder.max_level();
+    ragged_ = coder.ragged();
     table_.reset(coder.prior_tree(), coder.vocab());
     static const Models kFresh;
     *models_ = kFresh;
+    if (ragged_) {
+      static const CountModels kFreshCounts;
+      *count_models_ = kFreshCounts;
+    }
     if (place_.size() != static_cast<size_t>(vocab_)) {
       place_.assign(vocab_, 0);
       bonus_ = BonusList();
@@ -532,8 +553,21 @@ class Frame {
       if (v >= static_cast<uint32_t>(max_level_)) throw TopKCodecError("decoded a level above the maximum");
       lv[0] = static_cast<int32_t>(v + 1);
     }
+    int kr = k_;
+    if (ragged_) {
+      v = code_number(io, count_models_->count[level_bucket(lv[0])], kDecode ? 0 : r.counts[row] - 1);
+      if constexpr (kDecode) {
+        if (v >= static_cast<uint32_t>(k_)) throw TopKCodecError("decoded an entry count above K");
+        r.counts[row] = static_cast<int32_t>(v + 1);
+        for (int j = static_cast<int>(v) + 1; j < k_; ++j) {
+          ids[j] = -1;
+          lv[j] = 0;
+        }
+      }
+      kr = r.counts[row];
+    }
     int64_t sum_sq = static_cast<int64_t>(lv[0]) * lv[0];
-    for (int j = 1; j < k_; ++j) {
+    for (int j = 1; j < kr; ++j) {
       const int32_t above = lv[j - 1];
       v = code_number(io, m.step[level_bucket(above) * kColumnBuckets + column_bucket(j)], kDecode ? 0 : above - lv[j]);
       if constexpr (kDecode) {
@@ -569,18 +603,21 @@ class Frame {
       if (i == n_sources) sources[n_sources++] = {source, 0};
       sources[i].second += amount;
     }
-    for (int i = 0; i < n_sources; ++i) add_bonus(r.ids + sources[i].first * k_, k_, sources[i].second);
+    for (int i = 0; i < n_sources; ++i) {
+      const int64_t src = sources[i].first;
+      add_bonus(r.ids + src * k_, ragged_ ? r.counts[src] : k_, sources[i].second);
+    }
     if (next_known) add_bonus(&next, 1, base_total >> kNextTokenShift);
     bonus_.build();
 
     removed_.clear();
-    for (int a = 0; a < k_;) {
+    for (int a = 0; a < kr;) {
       int b = a + 1;
-      while (b < k_ && lv[b] == lv[a]) ++b;
+      while (b < kr && lv[b] == lv[a]) ++b;
       int32_t given = -1;  // the next token, flagged as a member of the first run
       if (a == 0 && next_known) {
         const int flag = kDecode ? 0 : std::find(ids, ids + b, next) != ids + b;
-        if (io.bit(m.next_in_first_run[level_bucket(lv[0])], flag)) {
+        if (io.bit(m.next_in_first_run[level_bucket(lv[0])], flag, true)) {
           given = next;
           exclude(given);
         }
@@ -673,8 +710,10 @@ class Frame {
   }
 
   int k_ = 0, vocab_ = 0, max_level_ = 0;
+  bool ragged_ = false;
   SumTree table_;
   std::unique_ptr<Models> models_ = std::make_unique<Models>();
+  std::unique_ptr<CountModels> count_models_ = std::make_unique<CountModels>();
   BonusList bonus_;
   std::vector<int32_t> place_;                          // [vocab] 1 + the id's place in bonus_, or 0
   std::vector<std::pair<int32_t, uint32_t>> removed_;   // the row's excluded ids and their base weights
@@ -700,8 +739,8 @@ Workspace& workspace() {
 
 }  // namespace
 
-TopKCoder::TopKCoder(int k, int vocab, int max_level, std::vector<uint32_t> prior)
-    : k_(k), vocab_(vocab), max_level_(max_level), prior_(std::move(prior)) {
+TopKCoder::TopKCoder(int k, int vocab, int max_level, std::vector<uint32_t> prior, bool ragged)
+    : k_(k), vocab_(vocab), max_level_(max_level), ragged_(ragged), prior_(std::move(prior)) {
   if (k < 1 || k > 65535) throw std::invalid_argument("k must be in [1, 65535], got " + std::to_string(k));
   if (vocab < k || vocab >= (1 << 30)) {
     throw std::invalid_argument("vocab must be in [k, 2^30), got " + std::to_string(vocab));
@@ -722,16 +761,19 @@ TopKCoder::TopKCoder(int k, int vocab, int max_level, std::vector<uint32_t> prio
   prior_tree_ = SumTree::build(prior_);
 }
 
-std::vector<uint8_t> TopKCoder::encode(const TopKRows& rows) const {
+std::vector<uint8_t> TopKCoder::encode(const TopKRows& rows, double* id_bits) const {
   Workspace& ws = workspace();
+  if (ragged_ && rows.counts == nullptr) throw std::invalid_argument("a ragged coder needs the rows' counts");
   // Each row in canonical order: level descending, then id ascending (an insertion sort: rows come
   // sorted by probability, so only entries with equal levels move).
-  ws.ids.resize(static_cast<size_t>(rows.rows) * k_);
-  ws.levels.resize(static_cast<size_t>(rows.rows) * k_);
+  ws.ids.assign(static_cast<size_t>(rows.rows) * k_, -1);
+  ws.levels.assign(static_cast<size_t>(rows.rows) * k_, 0);
   for (int64_t row = 0; row < rows.rows; ++row) {
     int32_t* ids = ws.ids.data() + row * k_;
     int32_t* lv = ws.levels.data() + row * k_;
-    for (int j = 0; j < k_; ++j) {
+    const int kr = ragged_ ? rows.counts[row] : k_;
+    if (kr < 1 || kr > k_) throw std::invalid_argument(row_error(row, "entry count outside [1, K]"));
+    for (int j = 0; j < kr; ++j) {
       const int32_t id = rows.ids[row * k_ + j], level = rows.levels[row * k_ + j];
       if (id < 0 || id >= vocab_) throw std::invalid_argument(row_error(row, "id out of range"));
       if (level < 1 || level > max_level_) throw std::invalid_argument(row_error(row, "level out of range"));
@@ -756,10 +798,11 @@ std::vector<uint8_t> TopKCoder::encode(const TopKRows& rows) const {
   sorted.ids = ws.ids.data();
   sorted.levels = ws.levels.data();
   ws.frame.code<false>(ws.encoder, sorted);
-  return ws.encoder.finish();
+  return ws.encoder.finish(id_bits);
 }
 
 void TopKCoder::decode(const uint8_t* data, size_t size, TopKRows& rows) const {
+  if (ragged_ && rows.counts == nullptr) throw std::invalid_argument("a ragged coder needs a counts array to fill");
   Workspace& ws = workspace();
   ws.decoder.reset(data, size);
   ws.frame.reset(*this);

@@ -179,15 +179,19 @@ def make_student_command(teacher, layers, layer_map, out):
 @click.option("--skip-bad-lines", is_flag=True,
               help="List malformed corpus lines and go on, instead of stopping at the first.")
 @click.option("--codec", type=click.Choice(["sqrt_ac", "sqrt", "raw"]), default="sqrt_ac", show_default=True,
-              help="sqrt_ac: ~87 bytes/position at K=64, mean KL ~9e-6 (context-modelled; needs the compiled "
-                   "extension); sqrt: the same values in ~102 bytes/position, pure Python; raw: lossless fp32. "
-                   "See kdengine/store/FORMAT.md.")
+              help="sqrt_ac: ~87 payload bytes/position at K=64, mean KL ~9e-6 (context-modelled; needs the "
+                   "compiled extension); sqrt: the same values in ~102, pure Python; raw: lossless fp32. "
+                   "See kdengine/store/FORMAT.md and scripts/results/codec.md.")
+@click.option("--top-p", "top_p", type=float, default=None,
+              help="Adaptive K: keep at each position the smallest prefix of the sorted distribution whose mass "
+                   "reaches X (at least 1 entry, at most --top-k); the tail bucket holds the rest. `kdengine "
+                   "inspect` shows how many entries 90/99/99.9%% of the mass take. Needs --codec sqrt_ac.")
 @click.option("--rank", type=int, default=None,
               help="This process's rank (with --world-size); default: torchrun's RANK, else 0.")
 @click.option("--world-size", type=int, default=None,
               help="Number of dump processes; each takes every W-th shard. Default: torchrun's WORLD_SIZE, else 1.")
 def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed, backend, max_length, batch_size,
-         shard_samples, device, dtype, gpu_split, chat, skip_bad_lines, codec, rank, world_size):
+         shard_samples, device, dtype, gpu_split, chat, skip_bad_lines, codec, top_p, rank, world_size):
     """Run a teacher over a corpus and store its top-k next-token log-probs (or, with --targets sample,
     ids sampled from its next-token distribution) at every target position."""
     from kdengine.corpus import CorpusError
@@ -203,7 +207,7 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
     cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=top_k or 1, targets=targets, samples=samples,
                      proposal_temperature=proposal_temperature, seed=seed, backend=backend, max_length=max_length,
                      batch_size=batch_size, shard_samples=shard_samples, device=device, dtype=dtype, chat=chat,
-                     skip_bad_lines=skip_bad_lines, codec=codec, rank=rank, world_size=world_size,
+                     skip_bad_lines=skip_bad_lines, codec=codec, top_p=top_p, rank=rank, world_size=world_size,
                      backend_opts=backend_opts(backend, gpu_split))
     try:
         s = run_dump(cfg)
@@ -218,7 +222,8 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
         f"dump{rank_note}: {s.samples} samples, {s.tokens} tokens, {s.positions} positions in "
         f"{s.shards_written} new shards ({s.shards_already_done} already done); truncated {s.truncated}"
         f"{f' to {max_length} tokens' if max_length else ''} (teacher context {s.context_length or 'unstated'}), "
-        f"skipped {len(s.skipped) + len(s.bad_lines)}; {s.bytes_per_position:.1f} bytes/position; "
+        f"skipped {len(s.skipped) + len(s.bad_lines)}; store {s.bytes_per_position:.1f} bytes/position on disk "
+        f"(every file; this run's payload {s.payload_bytes_per_position:.1f}); "
         f"{s.tokens_per_second:,.0f} tokens/s (encoder thread busy {s.encoder_cpu_seconds:.1f} s of "
         f"{s.seconds:.1f} s)")
     click.echo(f"store {out}: " + ("complete" if s.store_complete else
@@ -229,9 +234,10 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True,
-              help="Print the summary as JSON: targets (topk or sample), samples, tokens, positions, bytes, "
-                   "bytes_per_position, top_k, vocab_size, teacher, tokenizer_fingerprint, codec; for sampled "
-                   "targets also draws_per_position, proposal_temperature, distinct_ids_per_position.")
+              help="Print the summary as JSON: targets (topk or sample), samples, tokens, positions, bytes (every "
+                   "file), bytes_per_position (bytes / positions), payload_bytes_per_position, split (bytes by part), "
+                   "top_k, top_p, tail_mass and entries_for_mass (what K keeps), codec, ...; for sampled targets "
+                   "also draws_per_position, proposal_temperature, distinct_ids_per_position.")
 @click.option("--sample", "sample_index", type=int, default=None,
               help="Show sample I instead: the teacher's top tokens at each target position (text via the "
                    "teacher's tokenizer when it can be loaded, else ids).")

@@ -30,6 +30,7 @@ from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter, c
 from kdengine.sampling import teacher_draws
 from kdengine.store.codec import DEFAULT_CODEC, SAMPLED_CODEC, codec_unavailable, default_params
 from kdengine.store.format import TARGET_MODES
+from kdengine.store.format import disk_bytes
 from kdengine.store.writer import check_dump_settings, claim_rank
 from kdengine.teachers import load_teacher, topk_logprobs
 
@@ -57,6 +58,7 @@ class DumpConfig:
     samples: int = 12
     proposal_temperature: float = 1.0
     seed: int = 0
+    top_p: float | None = None  # adaptive K: keep the smallest prefix with this mass, at most top_k entries
     rank: int | None = None
     world_size: int | None = None
     progress: bool = True
@@ -72,6 +74,8 @@ class DumpSummary:
     tokens: int = 0
     positions: int = 0
     payload_bytes: int = 0
+    store_bytes: int = 0  # every file in the store directory after this run
+    store_positions: int = 0  # target positions of the whole store after this run
     shards_written: int = 0
     shards_already_done: int = 0
     truncated: int = 0
@@ -84,6 +88,12 @@ class DumpSummary:
 
     @property
     def bytes_per_position(self) -> float:
+        """The store's size on disk (every file) per target position: the figure `kdengine inspect` shows."""
+        return self.store_bytes / self.store_positions if self.store_positions else float("nan")
+
+    @property
+    def payload_bytes_per_position(self) -> float:
+        """This run's codec frames alone, per target position."""
         return self.payload_bytes / self.positions if self.positions else float("nan")
 
     @property
@@ -131,9 +141,17 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
     unavailable = codec_unavailable(codec)
     if unavailable:
         raise DumpError(unavailable)
+    if cfg.top_p is not None:
+        if not 0 < cfg.top_p <= 1:
+            raise DumpError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+        if sampled:
+            raise DumpError("--top-p (adaptive K) is for top-k targets; --targets sample draws --samples ids instead")
+        if cfg.codec != "sqrt_ac":
+            raise DumpError(f"--top-p (adaptive K) needs --codec sqrt_ac; codec {cfg.codec!r} stores K entries per row")
     checked = check_corpus(cfg.data, skip_bad_lines=cfg.skip_bad_lines)  # fail fast, before the model loads
     config = _config(cfg, sha256_file(cfg.data), world_size)
-    check_dump_settings(cfg.out, {"k": k, "codec": codec, "codec_params": codec_params, "config": config})
+    check_dump_settings(cfg.out, {"k": k, "codec": codec, "codec_params": codec_params, "top_p": cfg.top_p,
+                                  "config": config})
     lock = claim_rank(cfg.out, rank) if Path(cfg.out).is_dir() else None  # refuse a second writer before any work
     try:
         device = cfg.device
@@ -152,7 +170,7 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
                             f"needs at least one target")
         header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
                              vocab_size=teacher.vocab_size, k=k, codec=codec, codec_params=codec_params,
-                             config=config, targets=cfg.targets)
+                             config=config, targets=cfg.targets, top_p=cfg.top_p)
         if not sampled and cfg.top_k > teacher.vocab_size:
             raise DumpError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
         writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size, lock=lock)
@@ -207,7 +225,10 @@ def _write(cfg, writer, teacher, header, corpus, rank, world_size, context_lengt
         summary.positions += entry["positions"]
         summary.payload_bytes += entry["payload_bytes"]
     summary.shards_written = len(written)
-    summary.store_complete = bool(writer.finish(chunks_total)["complete"])
+    manifest = writer.finish(chunks_total)
+    summary.store_complete = bool(manifest["complete"])
+    summary.store_bytes = disk_bytes(cfg.out)
+    summary.store_positions = manifest["positions"]
     return summary
 
 

@@ -15,7 +15,8 @@ from kdengine.corpus import load_corpus
 from kdengine.dump import DumpConfig, DumpError, dump, resolve_rank
 from kdengine.store import FORMAT_VERSION, StoreError, open_store, verify_store
 from kdengine.store.codec import make_codec
-from kdengine.store.format import sample_crc32
+from kdengine.store.format import positions_from_gaps, sample_crc32, unpack_array
+from kdengine.store.inspect import SUMMARY_KEYS
 from kdengine.teachers.encoding import special_prefix
 
 K = 8
@@ -182,12 +183,24 @@ def test_flipped_byte_in_a_frame(dumped, tmp_path):
     assert "sha256" in report.problems[0] and "corrupt" in report.problems[0]
 
 
-def test_flipped_byte_in_token_ids_is_caught_by_the_sample_crc(dumped, tmp_path):
+def test_token_ids_changed_but_still_valid_are_caught_by_the_sample_crc(dumped, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from kdengine.store.format import pack_array, unpack_array
+
     cfg, _ = dumped
     out = _copy_store(cfg, tmp_path)
     shard = out / "shard-000000.safetensors"
-    start, _ = _tensor_range(shard, "input_ids")
-    _flip(shard, start)
+    with safe_open(str(shard), framework="numpy") as f:
+        metadata, tensors = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    tokens = unpack_array(tensors["input_ids.zst"], "int32", int(tensors["token_offsets"][-1]), "test").copy()
+    tokens[0] += 1  # a well-formed compressed array holding a wrong token id
+    tensors["input_ids.zst"] = pack_array(tokens, "int32")
+    save_file(tensors, str(shard), metadata=metadata)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][0]["bytes"] = shard.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match=r"shard-000000\.safetensors: sample 0 .* crc32"):
         open_store(out)[0]
 
@@ -220,7 +233,7 @@ def test_unknown_format_version_is_refused(dumped, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["version"] = FORMAT_VERSION + 1
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StoreError, match=rf"format version {FORMAT_VERSION + 1}, this kdengine reads version 1"):
+    with pytest.raises(StoreError, match=rf"format version {FORMAT_VERSION + 1}, this kdengine reads versions 1, 2"):
         open_store(out)
     with pytest.raises(StoreError, match="missing; .* is not a store"):
         open_store(tmp_path)
@@ -253,10 +266,11 @@ def test_inspect_json_keys_and_sample_view(dumped, tmp_path):
     result = runner.invoke(cli, ["inspect", cfg.out, "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert list(info) == ["targets", "samples", "tokens", "positions", "bytes", "bytes_per_position", "top_k", "vocab_size",
-                          "teacher", "tokenizer_fingerprint", "codec"]
+    assert list(info) == list(SUMMARY_KEYS)
     assert info["samples"] == 11 and info["top_k"] == K and info["positions"] == summary.positions
     assert info["bytes_per_position"] == pytest.approx(summary.bytes_per_position, abs=1e-3)
+    on_disk = sum(p.stat().st_size for p in Path(cfg.out).rglob("*") if p.is_file())
+    assert info["bytes"] == on_disk and info["bytes_per_position"] == round(on_disk / info["positions"], 3)
     assert info["codec"]["name"] == "sqrt_ac" and info["targets"] == "topk"
 
     result = runner.invoke(cli, ["inspect", cfg.out, "--sample", "1"])
@@ -322,8 +336,9 @@ def _rewrite_frame(shard, j, frame):
     with safe_open(str(shard), framework="numpy") as f:
         offsets = f.get_tensor("frame_offsets")
         tokens, positions = f.get_tensor("token_offsets"), f.get_tensor("position_offsets")
-        input_ids = f.get_tensor("input_ids")[tokens[j]:tokens[j + 1]]
-        targets = f.get_tensor("positions")[positions[j]:positions[j + 1]]
+        input_ids = unpack_array(f.get_tensor("input_ids.zst"), "int32", int(tokens[-1]), "test")[tokens[j]:tokens[j + 1]]
+        gaps = unpack_array(f.get_tensor("position_gaps.zst"), "int32", int(positions[-1]), "test")
+        targets = positions_from_gaps(gaps, positions)[positions[j]:positions[j + 1]]
     assert len(frame) == offsets[j + 1] - offsets[j]
     data = bytearray(shard.read_bytes())
     start = _tensor_range(shard, "payload")[0] + int(offsets[j])
@@ -380,12 +395,12 @@ def test_sqrt_store_reads_the_same_values_and_a_missing_table_is_refused(dumped,
     with safe_open(str(shard), framework="numpy") as f:
         metadata = f.metadata()
     tensors = load_file(str(shard))
-    del tensors["id_prior"]
+    del tensors["id_count_codes.zst"]
     save_file(tensors, str(shard), metadata=metadata)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["shards"][0]["bytes"] = shard.stat().st_size
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StoreError, match=r"shard-000000\.safetensors: tensor 'id_prior' \(int32\) is missing; "
+    with pytest.raises(StoreError, match=r"shard-000000\.safetensors: tensor 'id_count_codes\.zst' \(uint8\) is missing; "
                                          r"codec 'sqrt_ac' needs it"):
         open_store(out)[0]
 

@@ -220,7 +220,7 @@ def _dump_stage(cfg: DemoConfig, teacher_dir: Path, train_file: Path, store: Pat
     from kdengine.store import open_store
 
     rec.update(store=str(store), top_k=cfg.top_k, codec=open_store(store).codec, samples=s.samples,
-               tokens=s.tokens, positions=s.positions, bytes=s.payload_bytes,
+               tokens=s.tokens, positions=s.positions, bytes=s.store_bytes,
                bytes_per_position=s.bytes_per_position, tokens_per_s=s.tokens_per_second)
 
 

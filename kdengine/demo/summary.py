@@ -70,7 +70,7 @@ def summary_markdown(summary: dict) -> str:
     if "student_ce" in models:
         lines += [_verdict(models), ""]
     lines += [
-              f"Store: {dump['bytes_per_position']:.1f} bytes/position (top-{dump['top_k']}, codec "
+              f"Store: {dump['bytes_per_position']:.1f} bytes/position on disk, every file counted (top-{dump['top_k']}, codec "
               f"{dump['codec']}; {dump['bytes']:,} bytes for {dump['positions']:,} positions).", "",
               "GSM8K reports: " + ", ".join(f"{LABELS[role]} `{path}`" for role, path in gsm8k["reports"].items())
               + ".", ""]

@@ -97,7 +97,8 @@ def sparse_kl_reference(
 
     Args:
         logits: float [N, V], the student's logits.
-        topk_idx: int32/int64 [N, K], the teacher's top-k token ids (distinct within a row).
+        topk_idx: int32/int64 [N, K], the teacher's top-k token ids (distinct within a row); -1 marks
+            a padding entry (its log-prob is -inf), which counts for nothing.
         topk_logp: float [N, K], the teacher's log-probabilities of those ids over the full vocab at T=1.
         labels: int64 [N] or None. Rows with ``labels == ignore_index`` count for nothing.
         tail: add the teacher's remaining mass as one more bucket (required by rkl and jsd).
@@ -117,8 +118,9 @@ def sparse_kl_reference(
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(dtype)
-    idx = topk_idx.long()
-    logp = topk_logp.to(dtype)
+    padding = topk_idx < 0  # id -1 with log-prob -inf: an absent entry (adaptive-K rows)
+    idx = topk_idx.long().clamp_min(0)
+    logp = topk_logp.to(dtype).masked_fill(padding, float("-inf"))
     counted = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
     if labels is not None:
         counted = labels != ignore_index
@@ -127,7 +129,7 @@ def sparse_kl_reference(
     loss = zeros
     kd = zeros
     if alpha > 0 or return_parts:
-        d = _divergence_rows(x, idx, logp, tail, temperature, divergence, beta, tempered_lse)
+        d = _divergence_rows(x, idx, padding, logp, tail, temperature, divergence, beta, tempered_lse)
         kd = temperature**2 * d
         if alpha > 0:
             loss = loss + alpha * temperature**2 * d
@@ -148,10 +150,11 @@ def sparse_kl_reference(
                           None if ce is None else _reduce(ce, counted, reduction))
 
 
-def _divergence_rows(x, idx, logp, tail, temperature, divergence, beta, tempered_lse):
-    """D per row [N] (before the T^2 factor) over the K (+ tail) buckets."""
+def _divergence_rows(x, idx, padding, logp, tail, temperature, divergence, beta, tempered_lse):
+    """D per row [N] (before the T^2 factor) over the K (+ tail) buckets; padding entries are no
+    bucket (p = q = 0)."""
     log_q_all = torch.log_softmax(x if temperature == 1 else x / temperature, dim=-1)
-    log_q = log_q_all.gather(1, idx)
+    log_q = log_q_all.gather(1, idx).masked_fill(padding, float("-inf"))
     if tempered_lse is None:
         z = logp / temperature
     else:
@@ -163,7 +166,9 @@ def _divergence_rows(x, idx, logp, tail, temperature, divergence, beta, tempered
         else:
             z_tail = (1 - z.exp().sum(-1)).clamp_min(TAIL_MIN).log()
         z = torch.cat([z, z_tail[:, None]], dim=1)
-        outside = log_q_all.scatter(1, idx, float("-inf"))
+        in_topk = torch.zeros(x.shape[0], x.shape[1] + 1, dtype=torch.bool, device=x.device)
+        in_topk.scatter_(1, torch.where(padding, x.shape[1], idx), True)
+        outside = log_q_all.masked_fill(in_topk[:, :-1], float("-inf"))
         log_q_tail = torch.logsumexp(outside, dim=-1).clamp_min(math.log(TAIL_MIN))
         log_q = torch.cat([log_q, log_q_tail[:, None]], dim=1)
     log_p = torch.log_softmax(z, dim=-1)

@@ -18,6 +18,7 @@ from .reference import DIVERGENCES, SparseKLOutput, sparse_kl_reference
 REDUCTIONS = ("mean", "sum", "none")
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _IDX_DTYPES = (torch.int32, torch.int64)
+PAD_ID = -1  # a top-k entry with this id and log-prob -inf is padding (rows of an adaptive-K store): skipped
 
 
 class SparseKLError(ValueError):
@@ -53,7 +54,9 @@ def sparse_kl(
         logits: float32/bfloat16/float16 [N, V] (float64 on CPU), the student's logits, on CPU or
             CUDA, unit stride along V. Accumulation is in float32 (float64 for float64 logits); the
             gradient has the logits' dtype.
-        topk_idx: int32/int64 [N, K], 1 <= K <= V, the teacher's top-k ids: distinct within a row, in [0, V).
+        topk_idx: int32/int64 [N, K], 1 <= K <= V, the teacher's top-k ids: distinct within a row, in [0, V);
+            an entry with id -1 and log-prob -inf is padding and is skipped (rows with fewer than K
+            entries, as an adaptive-K store gives them).
         topk_logp: float32 [N, K], the teacher's log-probabilities of those ids over its full
             vocabulary at T = 1 (so sum_k exp <= 1). No gradient flows to it.
         labels: int64/int32 [N] or None. Rows equal to `ignore_index` contribute 0 loss and 0
@@ -252,9 +255,10 @@ class _DataChecks:
             self.counted = labels != ignore_index
             self.count = self.counted.sum().clamp_min(1)  # an all-ignored batch has mean loss 0
         ids = topk_idx.sort(dim=1).values
+        padding = (topk_idx == PAD_ID) & (topk_logp == float("-inf"))
         self._rows = {
-            "id_range": ((topk_idx < 0) | (topk_idx >= self.vocab)).any(dim=1),
-            "id_repeat": (ids[:, 1:] == ids[:, :-1]).any(dim=1),
+            "id_range": (((topk_idx < 0) | (topk_idx >= self.vocab)) & ~padding).any(dim=1),
+            "id_repeat": ((ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] != PAD_ID)).any(dim=1),
             "logp_value": (torch.isnan(topk_logp) | (topk_logp == float("inf"))).any(dim=1),
             "logp_empty": (topk_logp == float("-inf")).all(dim=1) if not tail else torch.zeros_like(self.counted),
             "label_range": (
@@ -283,13 +287,14 @@ class _DataChecks:
         where = f"row {row}" + (f" (and {n_bad - 1} more rows)" if n_bad > 1 else "")
         vocab = self.vocab
         if name == "id_range":
-            ids = self.topk_idx[row]
-            bad_id = int(ids[(ids < 0) | (ids >= vocab)][0])
-            return (f"topk_idx must hold ids in [0, V = {vocab}); {where} holds {bad_id}. Is the teacher's "
-                    f"vocabulary the student's (compare the store manifest's vocab size)?")
+            ids, logp = self.topk_idx[row], self.topk_logp[row]
+            bad_id = int(ids[((ids < 0) | (ids >= vocab)) & ~((ids == PAD_ID) & (logp == float("-inf")))][0])
+            return (f"topk_idx must hold ids in [0, V = {vocab}) (or {PAD_ID} with log-prob -inf: padding); "
+                    f"{where} holds {bad_id}. Is the teacher's vocabulary the student's (compare the store "
+                    f"manifest's vocab size)?")
         if name == "id_repeat":
             ids = self._ids_sorted[row]
-            dup = int(ids[1:][ids[1:] == ids[:-1]][0])
+            dup = int(ids[1:][(ids[1:] == ids[:-1]) & (ids[1:] != PAD_ID)][0])
             return f"topk_idx must hold distinct ids within a row; {where} repeats id {dup}"
         if name == "logp_value":
             vals = self.topk_logp[row]

@@ -38,7 +38,8 @@ import numpy as np
 import zstandard
 
 _FRAME_HEADER = struct.Struct("<2sHII")  # codec tag, K, positions P, body bytes
-_TAG = {"sqrt_ac": b"A1", "sqrt": b"Q1", "raw": b"R1"}
+_TAG = {"sqrt_ac": b"A1", "sqrt": b"Q1", "raw": b"R1", "sqrt_ac_ragged": b"A2"}  # A2: sqrt_ac, adaptive K
+_CODECS = ("sqrt_ac", "sqrt", "raw")
 _COLUMN_GROUPS = (0, 1, 4, 16)  # `sqrt`: starts of the column groups; the last one runs to K
 _NIBBLE_FROM = 16  # `sqrt`: level steps in columns >= this are small: two per byte
 _ID_SUB, _HEAD_SUB = 2, 3  # `sqrt`: leading mantissa bits kept in the bucket symbol
@@ -52,7 +53,7 @@ class CodecError(ValueError):
 
 
 def codec_names() -> tuple[str, ...]:
-    return tuple(_TAG)
+    return _CODECS
 
 
 def default_params(name: str) -> dict:
@@ -63,6 +64,44 @@ def default_params(name: str) -> dict:
 def shard_table_name(name: str) -> str | None:
     """The per-shard tensor codec `name` learns and needs ('id_prior', 'vocab_order'), or None."""
     return _codec_class(name).TABLE
+
+
+def stored_table(name: str) -> tuple[str, str] | None:
+    """Format v2: (tensor name, dtype) of the per-shard table codec `name` stores, or None. `sqrt_ac`
+    stores its id counts as one-byte codes (`count_codes`), from which the id prior follows;
+    `sqrt` its vocabulary order."""
+    return {"sqrt_ac": ("id_count_codes", "uint8"), "sqrt": ("vocab_order", "int32")}.get(name)
+
+
+def learn_stored_table(name: str, topk_idx: np.ndarray, vocab_size: int) -> np.ndarray | None:
+    """Format v2: the table codec `name` stores for a shard, learned from the ids of its first
+    positions; `table_from_stored` turns it into the codec's table."""
+    if name == "sqrt_ac":
+        return count_codes(_id_counts(topk_idx, vocab_size))
+    return learn_shard_table(name, topk_idx, vocab_size)
+
+
+def table_from_stored(name: str, stored: np.ndarray) -> np.ndarray:
+    """The codec's table (`make_codec(table=...)`) from what a v2 shard stores (`stored_table`)."""
+    if name == "sqrt_ac":
+        return id_prior_from_counts(counts_from_codes(stored))
+    return stored
+
+
+# sqrt_ac's count codes: q = c for c < 16, else q = 16 + 8 e + i for c in [M_i 2^e, M_(i+1) 2^e), decoded to
+# M_i 2^e: counts to within 1/16 relative, in one byte (FORMAT.md, "sqrt_ac").
+_CODE_MANTISSA = np.array([16, 17, 19, 21, 22, 24, 26, 29], np.int64)  # ~ 16 * 2^(i/8)
+_CODE_VALUES = np.concatenate([np.arange(16), (_CODE_MANTISSA[None, :] << np.arange(30)[:, None]).ravel()])[:256]
+
+
+def count_codes(counts: np.ndarray) -> np.ndarray:
+    """uint8 codes of non-negative counts (largest code value not above the count)."""
+    codes = np.searchsorted(_CODE_VALUES, np.asarray(counts, np.int64), side="right") - 1
+    return codes.astype(np.uint8)
+
+
+def counts_from_codes(codes: np.ndarray) -> np.ndarray:
+    return _CODE_VALUES[np.asarray(codes, np.int64)]
 
 
 def learn_shard_table(name: str, topk_idx: np.ndarray, vocab_size: int) -> np.ndarray | None:
@@ -83,7 +122,8 @@ def codec_unavailable(name: str) -> str | None:
     return None
 
 
-def make_codec(name: str, *, k: int, vocab_size: int, table: np.ndarray | None = None, **params):
+def make_codec(name: str, *, k: int, vocab_size: int, table: np.ndarray | None = None, ragged: bool = False,
+               **params):
     """Builds a codec by name ('sqrt_ac', 'sqrt' or 'raw').
 
     Args:
@@ -92,11 +132,15 @@ def make_codec(name: str, *, k: int, vocab_size: int, table: np.ndarray | None =
         vocab_size: V; every id must be in [0, V).
         table: the codec's per-shard table (`shard_table_name`): int32 [V] id_prior for 'sqrt_ac'
             (flat if None), int32 [V] vocab_order for 'sqrt' (identity if None); None for 'raw'.
+        ragged: rows hold a variable number of entries (1..K, adaptive K); only 'sqrt_ac' codes them.
         params: codec parameters as stored in the manifest (`codec.params()`), e.g. delta.
     Raises:
-        ValueError: unknown name or parameter, a bad table, or (for 'sqrt_ac') no compiled extension.
+        ValueError: unknown name or parameter, a bad table, ragged rows for a codec without them, or
+            (for 'sqrt_ac') no compiled extension.
     """
     cls = _codec_class(name)
+    if ragged and name != "sqrt_ac":
+        raise ValueError(f"codec {name!r} stores K entries per row; adaptive K (--top-p) needs codec 'sqrt_ac'")
     unknown = set(params) - set(cls.DEFAULTS)
     if unknown:
         takes = ", ".join(cls.DEFAULTS) or "no parameters"
@@ -105,6 +149,8 @@ def make_codec(name: str, *, k: int, vocab_size: int, table: np.ndarray | None =
         if table is not None:
             raise ValueError(f"codec {name!r} takes no per-shard table")
         return cls(k=k, vocab_size=vocab_size, **params)
+    if name == "sqrt_ac":
+        return cls(k=k, vocab_size=vocab_size, table=table, ragged=ragged, **params)
     return cls(k=k, vocab_size=vocab_size, table=table, **params)
 
 
@@ -140,8 +186,13 @@ def learn_id_prior(topk_idx: np.ndarray, vocab_size: int) -> np.ndarray:
     Returns:
         int32 [V], each in [1, 2^22], summing to at most 2^22 + V.
     """
-    counts = _id_counts(topk_idx, vocab_size)
-    scaled = (2 * counts + 1) * (1 << 22) // (2 * int(counts.sum()) + vocab_size)
+    return id_prior_from_counts(_id_counts(topk_idx, vocab_size))
+
+
+def id_prior_from_counts(counts: np.ndarray) -> np.ndarray:
+    """max(1, floor((2 c_i + 1) 2^22 / (2 C + V))), C = sum of the counts c_i (int32 [V])."""
+    counts = np.asarray(counts, np.int64)
+    scaled = (2 * counts + 1) * (1 << 22) // (2 * int(counts.sum()) + counts.size)
     return np.maximum(scaled, 1).astype(np.int32)
 
 
@@ -169,7 +220,8 @@ class RawCodec:
     def params(self) -> dict:
         return {}
 
-    def encode(self, topk_idx, topk_logp, input_ids=None, positions=None) -> bytes:
+    def encode(self, topk_idx, topk_logp, input_ids=None, positions=None, counts=None):
+        _no_counts(self.name, counts)
         idx, logp = _check_inputs(topk_idx, topk_logp, self.k, self.vocab_size)
         body = self._zc.compress(idx.astype("<i4").tobytes() + logp.astype("<f4").tobytes())
         return _pack_frame("raw", idx.shape[0], self.k, body)
@@ -231,18 +283,20 @@ class SqrtCodec:
         return np.rint(np.sqrt(np.maximum(room, 0).astype(np.float64))).astype(np.int64)
 
     # ---- encode -------------------------------------------------------------------------------
-    def encode(self, topk_idx, topk_logp, input_ids=None, positions=None) -> bytes:
+    def encode(self, topk_idx, topk_logp, input_ids=None, positions=None, counts=None) -> bytes:
         """Encodes one sample.
 
         Args:
             topk_idx: int [P, K] ids, each row sorted by descending probability.
             topk_logp: float [P, K] full-vocab log-probs (natural log) of those ids.
             input_ids, positions: the sample's tokens and target positions (not used by this codec).
+            counts: must be None (fixed K).
         Returns:
             the frame (bytes).
         Raises:
             ValueError: wrong shapes, ids outside [0, V), or NaN/positive log-probs.
         """
+        _no_counts(self.name, counts)
         idx, logp = _check_inputs(topk_idx, topk_logp, self.k, self.vocab_size)
         n_pos, k = idx.shape
         level, tail_level = _sqrt_levels(logp, self.delta, self.max_level)
@@ -392,17 +446,20 @@ class SqrtAcCodec:
     TABLE = "id_prior"
     learn_table = staticmethod(learn_id_prior)
 
-    def __init__(self, *, k: int, vocab_size: int, delta: float = 1 / 1100, table: np.ndarray | None = None):
+    def __init__(self, *, k: int, vocab_size: int, delta: float = 1 / 1100, table: np.ndarray | None = None,
+                 ragged: bool = False):
         if not 1 <= k <= 65535 or not k <= vocab_size <= 1 << 23:
             raise ValueError(f"codec 'sqrt_ac' needs 1 <= K <= 65535 and K <= V <= 2^23, got K={k}, V={vocab_size}")
         self.k, self.vocab_size, self.delta = k, vocab_size, _check_delta(delta)
+        self.ragged = bool(ragged)
+        self._tag = "sqrt_ac_ragged" if self.ragged else "sqrt_ac"
         self.max_level = int(np.ceil(1 / self.delta))
         prior = learn_id_prior(np.zeros(0, np.int64), vocab_size) if table is None else np.asarray(table)
         if (prior.shape != (vocab_size,) or not np.issubdtype(prior.dtype, np.integer) or prior.min() < 1
                 or prior.max() > 1 << 23 or int(prior.sum(dtype=np.int64)) > 1 << 24):
             raise ValueError(f"id_prior must be {vocab_size} integer weights in [1, 2^23] summing to at most 2^24")
         self.id_prior = prior.astype(np.int32)
-        self._coder = _coder_class()(k, vocab_size, self.max_level, self.id_prior.astype(np.uint32))
+        self._coder = _coder_class()(k, vocab_size, self.max_level, self.id_prior.astype(np.uint32), self.ragged)
         self._log_level = np.concatenate([[-np.inf], 2 * np.log(np.arange(1, self.max_level + 1, dtype=np.float64))])
 
     @property
@@ -417,7 +474,7 @@ class SqrtAcCodec:
         """Max |sqrt(p_decoded) - sqrt(p_true)| over stored entries and the tail (worst case)."""
         return self.delta * (1.0 + np.sqrt(self.k + 1))
 
-    def encode(self, topk_idx, topk_logp, input_ids, positions) -> bytes:
+    def encode(self, topk_idx, topk_logp, input_ids, positions, counts=None, *, with_id_bits=False):
         """Encodes one sample.
 
         Args:
@@ -425,17 +482,34 @@ class SqrtAcCodec:
             topk_logp: float [P, K] full-vocab log-probs (natural log) of those ids.
             input_ids: int [T] the sample's tokens; positions: int [P] its target positions, each in
                 [0, T-2] (the decoder is given the same two arrays).
+            counts: ragged codecs only (and required): int [P], row r keeps its first counts[r]
+                entries (1..K); the tail is the mass outside them.
+            with_id_bits: also return the information content (bits) of the ids in the body.
         Returns:
-            the frame (bytes).
+            the frame (bytes), or (frame, id bits).
         Raises:
             ValueError: wrong shapes, ids outside [0, V) or repeated in a row, NaN/positive log-probs,
-                or positions outside the sample.
+                positions outside the sample, or counts given to a fixed-K codec (or missing).
         """
         idx, logp = _check_inputs(topk_idx, topk_logp, self.k, self.vocab_size)
         context = _token_context(input_ids, positions, idx.shape[0])
+        args = ()
+        if self.ragged:
+            if counts is None:
+                raise ValueError("an adaptive-K (ragged) sqrt_ac codec needs the per-row counts")
+            counts = np.asarray(counts)
+            if counts.shape != (idx.shape[0],) or (counts.size and (counts.min() < 1 or counts.max() > self.k)):
+                raise ValueError(f"counts must be [{idx.shape[0]}] values in [1, {self.k}]")
+            logp = np.where(np.arange(self.k) < counts[:, None], logp, -np.inf)
+            args = (counts.astype(np.int32),)
+        else:
+            _no_counts(self.name, counts)
         level, tail_level = _sqrt_levels(logp, self.delta, self.max_level)
-        body = self._coder.encode(idx.astype(np.int32), level.astype(np.int32), tail_level.astype(np.int32), *context)
-        return _pack_frame("sqrt_ac", idx.shape[0], self.k, body)
+        out = self._coder.encode(idx.astype(np.int32), level.astype(np.int32), tail_level.astype(np.int32), *context,
+                                 *args, with_id_bits=with_id_bits)
+        body, id_bits = out if with_id_bits else (out, None)
+        frame = _pack_frame(self._tag, idx.shape[0], self.k, body)
+        return (frame, id_bits) if with_id_bits else frame
 
     def decode(self, frame, input_ids, positions):
         """Decodes one sample's frame.
@@ -444,12 +518,14 @@ class SqrtAcCodec:
             frame: bytes-like, as returned by `encode`.
             input_ids, positions: the sample's tokens and target positions, as given to `encode`.
         Returns:
-            (idx int32 [P, K], logp float32 [P, K]) sorted by descending probability.
+            (idx int32 [P, K], logp float32 [P, K]) sorted by descending probability. Ragged codecs:
+            [P, K'] with K' the largest count in the frame (1 if P = 0), shorter rows padded with id -1
+            and log-prob -inf.
         Raises:
             CodecError: the frame is corrupt or truncated, was written with another K, id_prior or
                 delta, or does not belong to these tokens and positions.
         """
-        n_pos, _, body, rest = _unpack_frame("sqrt_ac", frame, self.k)
+        n_pos, _, body, rest = _unpack_frame(self._tag, frame, self.k)
         if len(rest):
             raise CodecError(f"{len(rest)} bytes after the body")
         if len(positions) != n_pos:
@@ -459,12 +535,49 @@ class SqrtAcCodec:
         except ValueError as exc:
             raise CodecError(f"the frame does not fit its sample: {exc}") from None
         try:
-            ids, level, tail_level = self._coder.decode(body, *context)
+            ids, level, tail_level, counts = self._coder.decode(body, *context)
+        except _coder_error() as exc:
+            raise CodecError(str(exc)) from None
+        if counts is not None:
+            width = int(counts.max()) if n_pos else 1
+            ids, level = ids[:, :width], level[:, :width]
+        squares = (level.astype(np.int64) ** 2).sum(axis=1) + tail_level.astype(np.int64) ** 2
+        logp = self._log_level[level] - np.log(squares.astype(np.float64))[:, None]
+        return np.ascontiguousarray(ids), logp.astype(np.float32)
+
+
+    def decode_many(self, payload, frame_offsets, input_ids, token_offsets, positions, position_offsets):
+        """Decodes many samples' frames in one call (the loader's batch path; same results as `decode`).
+
+        Args:
+            payload: bytes-like holding the frames; frame j is payload[frame_offsets[j]:frame_offsets[j+1]].
+            input_ids: int32 tokens of the samples, concatenated (sample j: token_offsets[j]..[j+1]).
+            positions: their target positions, concatenated (sample j: position_offsets[j]..[j+1]).
+        Returns:
+            (idx int32 [R, K], logp float32 [R, K], counts int32 [R] or None), R = all positions;
+            rows of a ragged codec are padded with id -1 and log-prob -inf to K.
+        Raises:
+            CodecError: as `decode`; the message starts with "frame j:".
+        """
+        tokens, pos = np.asarray(input_ids), np.asarray(positions, np.int64)
+        token_offsets, position_offsets = np.asarray(token_offsets, np.int64), np.asarray(position_offsets, np.int64)
+        per_sample = np.diff(position_offsets)
+        base = np.repeat(token_offsets[:-1], per_sample)
+        if pos.size and (pos.min() < 0 or np.any(pos > np.repeat(np.diff(token_offsets), per_sample) - 2)):
+            raise CodecError("a target position lies outside its sample")
+        at = base + pos
+        context = tokens[at].astype(np.int32)
+        previous = np.where(pos > 0, tokens[np.maximum(at - 1, 0)], -1).astype(np.int32)
+        following = tokens[np.minimum(at + 1, max(tokens.size - 1, 0))].astype(np.int32) if pos.size else context
+        try:
+            ids, level, tail_level, counts = self._coder.decode_frames(
+                payload, _TAG[self._tag], np.asarray(frame_offsets, np.int64), position_offsets, context, previous,
+                following)
         except _coder_error() as exc:
             raise CodecError(str(exc)) from None
         squares = (level.astype(np.int64) ** 2).sum(axis=1) + tail_level.astype(np.int64) ** 2
-        logp = self._log_level[level] - np.log(squares.astype(np.float64))[:, None]
-        return ids, logp.astype(np.float32)
+        logp = (self._log_level[level] - np.log(squares.astype(np.float64))[:, None]).astype(np.float32)
+        return ids, logp, counts
 
 
 def _coder_class():
@@ -489,6 +602,11 @@ def _coder_error():
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+def _no_counts(name, counts):
+    if counts is not None:
+        raise ValueError(f"codec {name!r} stores K entries per row; per-row counts (adaptive K) need 'sqrt_ac'")
+
+
 def _check_delta(delta) -> float:
     if not 1e-6 <= delta <= 0.25:
         raise ValueError(f"delta must be in [1e-6, 0.25], got {delta}")

@@ -110,7 +110,8 @@ def _check_shard(store, which, entry, directory, bar) -> str | None:
                 rows, width = sample["sample_idx"].shape
                 if rows != len(sample["positions"]) or width > store.k:
                     return f"sample {j}: sampled targets of shape {(rows, width)}"
-            elif tuple(sample["topk_idx"].shape) != (len(sample["positions"]), store.k):
+            elif sample["topk_idx"].shape[0] != len(sample["positions"]) or not (
+                    sample["topk_idx"].shape[1] <= store.k if store.top_p else sample["topk_idx"].shape[1] == store.k):
                 return f"sample {j}: top-k of shape {tuple(sample['topk_idx'].shape)}"
             positions += len(sample["positions"])
             bar.update(len(sample["positions"]))

@@ -12,7 +12,7 @@ import contextlib
 import fcntl
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +21,10 @@ from safetensors.numpy import save_file
 from kdengine.checksum import sha256_file
 from kdengine.durable import fsync_path, remove_stale_temporaries, write_atomic
 from kdengine.locks import LockHeld, ProcessLock, hold_lock
-from kdengine.store.codec import learn_shard_table, make_codec, shard_table_name
+from kdengine.store.codec import learn_stored_table, make_codec, stored_table, table_from_stored
 from kdengine.store.format import (
-    FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, PARTS_DIR, StoreError, check_shard_entry, dump_json,
-    part_name, sample_crc32, shard_name,
+    FORMAT_NAME, FORMAT_VERSION, LOCK_FILE, MANIFEST, PARTS_DIR, TARGET_MODES, StoreError, check_section_spec,
+    check_shard_entry, dump_json, pack_array, part_name, position_gaps, sample_crc32, section_tensor, shard_name,
 )
 
 
@@ -43,7 +43,14 @@ class StoreHeader:
     codec: str
     codec_params: dict
     config: dict
-    targets: str = "topk"  # "topk", or "sample" (sampled targets, codec `sampled`)
+    top_p: float | None = None  # adaptive K: keep the smallest prefix with this mass (at most k entries)
+    sections: dict = field(default_factory=dict)  # section name -> spec (FORMAT.md, "Sections")
+    targets: str = "topk"
+
+
+# sqrt_ac: how many of a shard's positions are coded with the ids' cost counted (a log2 per symbol),
+# to split the payload into id and value bytes for `kdengine inspect`.
+COSTED_POSITIONS = 8192
 
 
 class ShardBuilder:
@@ -55,17 +62,29 @@ class ShardBuilder:
     """
 
     def __init__(self, header: StoreHeader, *, learn_positions: int = 32768):
+        if header.targets not in TARGET_MODES:
+            raise ValueError(f"unknown target mode {header.targets!r}; expected one of {TARGET_MODES}")
+        if header.top_p is not None and not 0 < header.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {header.top_p}")
+        for name, spec in header.sections.items():
+            check_section_spec(name, spec, "StoreHeader.sections")
         self.header = header
         self.learn_positions = learn_positions
-        self.table_name = shard_table_name(header.codec)
-        self.codec = None if self.table_name else make_codec(
-            header.codec, k=header.k, vocab_size=header.vocab_size, **header.codec_params)
+        self.table = stored_table(header.codec)  # (tensor name, dtype) or None
+        self._stored_table = None
+        self.codec = None if self.table else self._make_codec(None)
         self._pending = []  # raw samples waiting for the vocabulary order
         self._pending_positions = 0
-        self._done = []  # (index, id, input_ids, positions, frame)
+        self._done = []  # (index, id, input_ids, positions, frame, sections)
         self._distinct_ids = 0  # sampled targets: distinct ids over all positions added
+        self._costed = [0, 0.0, 0]  # positions, id bits and frame bytes of the frames costed so far
 
-    def add(self, index: int, sample_id: str, input_ids, positions, topk_idx, topk_logp) -> None:
+    def _make_codec(self, table):
+        h = self.header
+        return make_codec(h.codec, k=h.k, vocab_size=h.vocab_size, table=table, ragged=h.top_p is not None,
+                          **h.codec_params)
+
+    def add(self, index: int, sample_id: str, input_ids, positions, topk_idx, topk_logp, sections=None) -> None:
         """Adds one sample.
 
         Args:
@@ -74,7 +93,9 @@ class ShardBuilder:
             input_ids: int [T] token ids.
             positions: int [P] target positions, each in [0, T-2].
             topk_idx: int [P, K] ids, rows sorted by descending probability.
-            topk_logp: float [P, K] full-vocabulary log-probs of those ids.
+            topk_logp: float [P, K] full-vocabulary log-probs of those ids. With `top_p`, each row keeps
+                its smallest prefix whose mass reaches top_p (at least one entry).
+            sections: {name: [P, width] array} for every section of the header (none else).
         """
         input_ids = np.asarray(input_ids, dtype=np.int32)
         positions = np.asarray(positions, dtype=np.int32)
@@ -84,9 +105,13 @@ class ShardBuilder:
                              f"got {topk_idx.shape} and {topk_logp.shape}")
         if positions.size and (positions.min() < 0 or positions.max() >= input_ids.shape[0] - 1):
             raise ValueError(f"sample {index}: target positions must lie in [0, {input_ids.shape[0] - 2}]")
-        item = (int(index), str(sample_id), input_ids, positions, topk_idx, topk_logp)
         if self.header.targets != "topk":
             raise ValueError(f"sample {index}: a {self.header.targets!r} store takes add_draws(), not top-k rows")
+        if positions.size > 1 and np.any(np.diff(positions) <= 0):
+            raise ValueError(f"sample {index}: target positions must be strictly increasing")
+        rows = self._section_rows(index, sections or {}, positions.shape[0])
+        counts = None if self.header.top_p is None else top_p_counts(topk_logp, self.header.top_p)
+        item = (int(index), str(sample_id), input_ids, positions, topk_idx, topk_logp, counts, rows)
         if self.codec is None:
             self._pending.append(item)
             self._pending_positions += positions.shape[0]
@@ -95,12 +120,13 @@ class ShardBuilder:
         else:
             self._encode(item)
 
-    def add_draws(self, index: int, sample_id: str, input_ids, positions, draws) -> None:
+    def add_draws(self, index: int, sample_id: str, input_ids, positions, draws, sections=None) -> None:
         """Adds one sample of a sampled-target store (targets "sample").
 
         Args:
             draws: a `kdengine.sampling.TeacherDraws` over the sample's P positions (ids, counts, logp
                 [P, K'], log_norm [P]).
+            sections: as for `add`.
         """
         if self.header.targets != "sample":
             raise ValueError(f"sample {index}: add_draws() is for a 'sample' store, this one is {self.header.targets!r}")
@@ -110,25 +136,45 @@ class ShardBuilder:
             raise ValueError(f"sample {index}: {draws.ids.shape[0]} rows of draws for {positions.shape[0]} positions")
         if positions.size and (positions.min() < 0 or positions.max() >= input_ids.shape[0] - 1):
             raise ValueError(f"sample {index}: target positions must lie in [0, {input_ids.shape[0] - 2}]")
+        rows = self._section_rows(index, sections or {}, positions.shape[0])
         frame = self.codec.encode(np.asarray(draws.ids), np.asarray(draws.counts), np.asarray(draws.logp),
                                   np.asarray(draws.log_norm))
-        self._done.append((int(index), str(sample_id), input_ids, positions, frame))
+        self._done.append((int(index), str(sample_id), input_ids, positions, frame, rows))
         self._distinct_ids += int((np.asarray(draws.counts) > 0).sum())
 
+    def _section_rows(self, index, sections, n_pos):
+        specs = self.header.sections
+        if set(sections) != set(specs):
+            raise ValueError(f"sample {index}: sections {sorted(sections)} given, the store has {sorted(specs)}")
+        rows = {}
+        for name, spec in sorted(specs.items()):
+            a = np.asarray(sections[name])
+            if a.shape != (n_pos, spec["width"]):
+                raise ValueError(f"sample {index}: section {name!r} must be [{n_pos}, {spec['width']}], got {a.shape}")
+            rows[name] = np.ascontiguousarray(a, dtype=spec["dtype"])
+        return rows
+
     def _start_codec(self) -> None:
-        seen = [item[4] for item in self._pending]
+        seen = [item[4] if item[6] is None else np.where(np.arange(self.header.k) < item[6][:, None], item[4], -1)
+                for item in self._pending]
         ids = np.concatenate(seen) if seen else np.zeros((0, self.header.k), np.int64)
         h = self.header
-        self.codec = make_codec(h.codec, k=h.k, vocab_size=h.vocab_size,
-                                table=learn_shard_table(h.codec, ids, h.vocab_size), **h.codec_params)
+        self._stored_table = learn_stored_table(h.codec, ids[ids >= 0], h.vocab_size)
+        self.codec = self._make_codec(table_from_stored(h.codec, self._stored_table))
         pending, self._pending = self._pending, []
         for item in pending:
             self._encode(item)
 
     def _encode(self, item) -> None:
-        index, sample_id, input_ids, positions, topk_idx, topk_logp = item
-        frame = self.codec.encode(topk_idx, topk_logp, input_ids, positions)
-        self._done.append((index, sample_id, input_ids, positions, frame))
+        index, sample_id, input_ids, positions, topk_idx, topk_logp, counts, rows = item
+        if self.header.codec == "sqrt_ac" and self._costed[0] < COSTED_POSITIONS:
+            frame, id_bits = self.codec.encode(topk_idx, topk_logp, input_ids, positions, counts=counts,
+                                               with_id_bits=True)
+            self._costed = [self._costed[0] + positions.shape[0], self._costed[1] + id_bits,
+                            self._costed[2] + len(frame)]
+        else:
+            frame = self.codec.encode(topk_idx, topk_logp, input_ids, positions, counts=counts)
+        self._done.append((index, sample_id, input_ids, positions, frame, rows))
 
     def __len__(self) -> int:
         return len(self._done) + len(self._pending)
@@ -141,23 +187,38 @@ class ShardBuilder:
         tokens = [d[2] for d in done]
         positions = [d[3] for d in done]
         frames = [d[4] for d in done]
+        all_positions = _concat(positions, np.int32)
+        position_offsets = _offsets(positions)
         tensors = {
-            "input_ids": _concat(tokens, np.int32),
+            "input_ids.zst": pack_array(_concat(tokens, np.int32), "int32"),
             "token_offsets": _offsets(tokens),
-            "positions": _concat(positions, np.int32),
-            "position_offsets": _offsets(positions),
+            "position_gaps.zst": pack_array(position_gaps(all_positions, position_offsets), "int32"),
+            "position_offsets": position_offsets,
             "payload": np.frombuffer(b"".join(frames), np.uint8).copy(),
             "frame_offsets": _offsets(frames),
             "sample_index": np.array([d[0] for d in done], np.int64),
-            "sample_crc32": np.array([sample_crc32(t, p, f) for t, p, f in zip(tokens, positions, frames)], np.uint32),
+            "sample_crc32": np.array([sample_crc32(d[2], d[3], d[4], d[5].values()) for d in done], np.uint32),
         }
-        if self.table_name:
-            tensors[self.table_name] = self.codec.table
-        counts = {"samples": len(done), "tokens": int(tensors["input_ids"].size),
-                  "positions": int(tensors["positions"].size), "payload_bytes": int(tensors["payload"].size)}
+        for name, spec in sorted(self.header.sections.items()):
+            rows = np.concatenate([d[5][name] for d in done]) if done else np.zeros((0, spec["width"]), spec["dtype"])
+            tensors[section_tensor(name, spec)] = pack_array(rows, spec["dtype"]) if spec.get("compressed") else rows
+        if self.table:
+            tensors[self.table[0] + ".zst"] = pack_array(self._stored_table, self.table[1])
+        payload = int(tensors["payload"].size)
+        counts = {"samples": len(done), "tokens": int(sum(t.size for t in tokens)),
+                  "positions": int(all_positions.size), "payload_bytes": payload}
+        if self._costed[2]:
+            counts["payload_id_bytes"] = round(payload * min(1.0, self._costed[1] / 8 / self._costed[2]))
         if self.header.targets == "sample":
             counts["distinct_ids"] = self._distinct_ids
         return tensors, [d[1] for d in done], counts
+
+
+def top_p_counts(topk_logp: np.ndarray, top_p: float) -> np.ndarray:
+    """int32 [P]: per row (sorted by descending probability) the smallest n with
+    sum(exp(logp[:n])) >= top_p, at least 1 and at most K (FORMAT.md, "Adaptive K")."""
+    mass = np.cumsum(np.exp(np.asarray(topk_logp, np.float64)), axis=1)
+    return (1 + (mass[:, :-1] < top_p).sum(axis=1)).astype(np.int32)
 
 
 def _concat(arrays, dtype):
@@ -240,7 +301,7 @@ class StoreWriter:
             "vocab_size": str(self.header.vocab_size), "tokenizer_fingerprint": self.header.tokenizer_fingerprint,
             "teacher": self.header.teacher, "chunk": str(chunk), "rank": str(self.rank),
             "samples": str(counts["samples"]), "sample_ids": json.dumps(sample_ids),
-            "targets": self.header.targets,
+            "targets": self.header.targets, "top_p": json.dumps(self.header.top_p),
         }
         tmp = self.directory / f".{name}.tmp-r{self.rank:05d}"
         final = self.directory / name
@@ -379,7 +440,8 @@ def _merged(parts: dict) -> dict:
     return {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "teacher": header["teacher"], "tokenizer_fingerprint": header["tokenizer_fingerprint"],
-        "vocab_size": header["vocab_size"], "k": header["k"], "targets": header.get("targets", "topk"),
+        "vocab_size": header["vocab_size"], "k": header["k"],
+        "targets": header.get("targets", "topk"), "top_p": header.get("top_p"), "sections": header.get("sections", {}),
         "codec": {"name": header["codec"], "params": header["codec_params"]},
         "dump": header["config"],
         "complete": complete,
@@ -410,9 +472,10 @@ def _read_parts(directory: Path) -> dict[int, dict]:
 
 
 def _header_dict(header: StoreHeader) -> dict:
-    return {"teacher": header.teacher, "tokenizer_fingerprint": header.tokenizer_fingerprint,
+    return {"format_version": FORMAT_VERSION, "teacher": header.teacher, "tokenizer_fingerprint": header.tokenizer_fingerprint,
             "vocab_size": header.vocab_size, "k": header.k, "codec": header.codec,
-            "codec_params": header.codec_params, "config": header.config, "targets": header.targets}
+            "codec_params": header.codec_params, "config": header.config, "targets": header.targets,
+            "top_p": header.top_p, "sections": header.sections}
 
 
 def check_dump_settings(directory: str | Path, settings: dict) -> None:

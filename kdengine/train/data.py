@@ -135,7 +135,9 @@ def collate(samples: list[dict], *, pad_id: int) -> dict:
         flattened [B * L] positions), labels int64 [N] (the next input token), topk_idx int32 [N, K],
         topk_logp float32 [N, K] (or the sample_* fields, rows padded to the batch's widest with count 0),
         tokens (sum of sample lengths) and targets (N). A position at a
-        sample's last token has no next token to check against and is left out.
+        sample's last token has no next token to check against and is left out. Samples of an
+        adaptive-K store have different widths: K is the batch's widest, and shorter rows are padded
+        with id -1 and log-prob -inf (entries the loss skips).
     """
     longest = max(int(s["input_ids"].numel()) for s in samples)
     input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
@@ -164,10 +166,17 @@ def collate(samples: list[dict], *, pad_id: int) -> dict:
         "targets": int(sum(r.numel() for r in rows)),
     }
     if idx:
-        batch["topk_idx"] = torch.cat(idx).to(torch.int32)
-        batch["topk_logp"] = torch.cat(logp).float()
+        batch["topk_idx"] = _cat_padded(idx, -1).to(torch.int32)
+        batch["topk_logp"] = _cat_padded(logp, float("-inf")).float()
     if "sample_idx" in samples[0]:
         from kdengine.train.sampled_targets import collate_draws
 
         batch.update(collate_draws(samples, keeps))
     return batch
+
+
+def _cat_padded(parts: list[torch.Tensor], fill) -> torch.Tensor:
+    """Rows of [P_i, K_i] tensors stacked into [sum P_i, max K_i], padded on the right with `fill`."""
+    width = max(int(p.shape[1]) for p in parts)
+    return torch.cat([p if p.shape[1] == width else torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill)
+                      for p in parts])

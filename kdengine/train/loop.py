@@ -51,6 +51,7 @@ class Trainer:
         self.info = init_distributed()
         self.step = 0
         self.position = DataPosition(0, 0)
+        self._warned_data_wait = False
         self._metrics = None
 
     # ---- setup -------------------------------------------------------------------------------
@@ -105,6 +106,14 @@ class Trainer:
                 f"{len(train_ids)} training samples, {len(self.eval_ids)} held out (seed {cfg.seed}); "
                 f"{info.world} process(es) on {info.device.type}{self._parallelism()}; "
                 f"step {self.step} of {cfg.steps}"
+            )
+        store = getattr(self.source, "store", None)  # an online teacher has no store to decode
+        self.decode_rate = _decode_rate(store, train_ids[:32]) if store is not None else None
+        if info.is_main and self.decode_rate is not None:
+            self._say(
+                f"data: {cfg.workers} decode worker(s) (--workers); one decodes ~{self.decode_rate:,.0f} target "
+                f"positions/s on this machine (measured now), so they feed up to ~"
+                f"{self.decode_rate * max(cfg.workers, 1):,.0f}/s; time a step waits shows as data_wait in the log"
             )
 
     def _open_source(self):
@@ -333,6 +342,13 @@ class Trainer:
         }
         if self.info.is_main:
             self._metrics.train(record)
+            if record["data_wait"] > 0.01 and self.decode_rate is not None and not self._warned_data_wait:
+                self._warned_data_wait = True
+                self._say(
+                    f"warning: step {self.step}: steps waited for data {record['data_wait']:.1%} of the time "
+                    f"(consuming {record['targets_per_s']:,.0f} target positions/s); each decode worker adds "
+                    f"~{self.decode_rate:,.0f}/s: raise --workers (now {self.cfg.workers})"
+                )
         return record
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -448,6 +464,14 @@ class _MetricsLog:
 def _split_outputs(out) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """(logits, projected hidden states or None): the training module returns the pair with feature KD."""
     return out if isinstance(out, tuple) else (out, None)
+
+
+def _decode_rate(store, sample_ids) -> float:
+    """Target positions per second of CPU time that one process decodes from `store` (batch decode,
+    as a DataLoader worker does), measured on `sample_ids`."""
+    start = time.thread_time()
+    positions = sum(len(s["positions"]) for s in store.samples(list(sample_ids)))
+    return positions / max(time.thread_time() - start, 1e-6)
 
 
 def _loader(dataset: Dataset, keys: list, workers: int, info) -> DataLoader:

@@ -246,7 +246,7 @@ class _StoreBatches(Dataset):
             from kdengine.store import open_store
 
             self._store = open_store(self._store_dir)
-        return collate([self._store[i] for i in self._sample_ids_of(key)], pad_id=self._pad_id)
+        return collate(self._store.samples(self._sample_ids_of(key)), pad_id=self._pad_id)
 
 
 class _CorpusBatches(Dataset):
