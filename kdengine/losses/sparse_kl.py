@@ -289,9 +289,9 @@ class _DataChecks:
         if name == "id_range":
             ids, logp = self.topk_idx[row], self.topk_logp[row]
             bad_id = int(ids[((ids < 0) | (ids >= vocab)) & ~((ids == PAD_ID) & (logp == float("-inf")))][0])
-            return (f"topk_idx must hold ids in [0, V = {vocab}) (or {PAD_ID} with log-prob -inf: padding); "
-                    f"{where} holds {bad_id}. Is the teacher's vocabulary the student's (compare the store "
-                    f"manifest's vocab size)?")
+            return (f"topk_idx must hold ids in [0, V = {vocab}); {where} holds {bad_id}. Is the teacher's "
+                    f"vocabulary the student's (compare the store manifest's vocab size)? ({PAD_ID} with "
+                    f"log-prob -inf is padding)")
         if name == "id_repeat":
             ids = self._ids_sorted[row]
             dup = int(ids[1:][(ids[1:] == ids[:-1]) & (ids[1:] != PAD_ID)][0])
