@@ -257,7 +257,7 @@ def test_an_unknown_target_mode_is_refused(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["targets"] = "mystery"
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StoreError, match=r"target mode 'mystery' is not one this kdengine reads \(topk\)"):
+    with pytest.raises(StoreError, match=r"target mode 'mystery' is not one this kdengine reads \(topk, sample\)"):
         open_store(out)
 
 
