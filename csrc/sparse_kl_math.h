@@ -275,7 +275,8 @@ KD_HD KDRow kd_row(const scalar_t* x, const int32_t* idx, const acc_t* logp, acc
   const TeacherRow t = teacher_row(logp, k, tail, inv_t, lse, first, stride, all);
   auto log_q_at = [&](int64_t i) {
     const int32_t id = idx[i];
-    return (id >= 0 && id < vocab) ? (to_acc<double>(to_acc<acc_t>(x[id])) - m) * inv_t - ln_sum_t : NAN;
+    // An id outside [0, V) (-1: a padding entry of an adaptive-K row) is no bucket: q = 0.
+    return (id >= 0 && id < vocab) ? (to_acc<double>(to_acc<acc_t>(x[id])) - m) * inv_t - ln_sum_t : -INFINITY;
   };
   auto log_p_at = [&](int64_t i) { return static_cast<double>(logp[i]) * inv_t - t.shift - t.z_max - t.log_z; };
   if (div == Divergence::kFKL) {

@@ -194,18 +194,19 @@ def test_the_kernel_gives_the_references_result_on_padded_ragged_rows():
     idx = torch.where(keep, top.indices, -1).int()
     logp = torch.where(keep, top.values, float("-inf"))
     labels = torch.randint(0, vocab, (n,))
-    for tail, alpha, temperature in ((True, 1.0, 1.0), (False, 0.7, 2.0), (True, 0.5, 1.5)):
-        got = sparse_kl(logits, idx, logp, labels, tail=tail, alpha=alpha, temperature=temperature)
+    for tail, alpha, temperature, div in ((True, 1.0, 1.0, "fkl"), (False, 0.7, 2.0, "fkl"), (True, 0.5, 1.5, "fkl"),
+                                          (True, 1.0, 1.0, "rkl"), (False, 0.8, 1.0, "jsd")):
+        kw = dict(tail=tail, alpha=alpha, temperature=temperature, divergence=div)
+        got = sparse_kl(logits, idx, logp, labels, **kw)
         (g_got,) = torch.autograd.grad(got, logits)
-        ref = sparse_kl_reference(logits.double(), idx, logp.double(), labels, tail=tail, alpha=alpha,
-                                  temperature=temperature)
+        ref = sparse_kl_reference(logits.double(), idx, logp.double(), labels, **kw)
         (g_ref,) = torch.autograd.grad(ref, logits)
         torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(g_got.double(), g_ref.double(), rtol=1e-4, atol=1e-8)
         # padding is neutral: each row alone, with only its own entries, gives the same loss
         rows = torch.stack([sparse_kl_reference(logits[r:r + 1].double(), idx[r:r + 1, :counts[r]],
-                                                logp[r:r + 1, :counts[r]].double(), labels[r:r + 1], tail=tail,
-                                                alpha=alpha, temperature=temperature) for r in range(n)])
+                                                logp[r:r + 1, :counts[r]].double(), labels[r:r + 1], **kw)
+                            for r in range(n)])
         torch.testing.assert_close(ref, rows.mean(), rtol=1e-9, atol=1e-12)
 
 
