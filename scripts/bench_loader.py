@@ -109,6 +109,10 @@ def main():
     for (w, batched), rs in rates.items():
         lines.append(f"| {w} | {'store.samples (one call per shard)' if batched else 'store[i] per sample'} "
                      f"| {min(rs):,.0f} | {np.median(rs):,.0f} |")
+    if os.getloadavg()[0] > (os.cpu_count() or 1):
+        lines.append(f"\nThe load average ({os.getloadavg()[0]:.1f}) is above the core count ({os.cpu_count()}): "
+                     f"these wall-time figures measure the machine's contention more than the loader; rerun "
+                     f"on a quiet machine before drawing conclusions.")
     table = "\n".join(lines) + "\n"
     print(table)
     args.out.write_text(table)
