@@ -1,4 +1,4 @@
-"""The top-k store (format v1, see FORMAT.md): a directory of safetensors shards plus manifest.json.
+"""The top-k store (format v2, v1 still read; see FORMAT.md): a directory of safetensors shards plus manifest.json.
 
     from kdengine.store import open_store
     store = open_store("out/")       # a torch Dataset

@@ -22,11 +22,11 @@ level above and the column), the tail level as a residual from the normalization
 equal levels as a set of ids drawn from a weight table over the vocabulary that starts, in every
 frame, from the shard's learned id frequencies (`id_prior`) and adapts to the sample: ids seen
 earlier in the frame, ids of the rows with the same input token, the same two input tokens, and the
-row before, and the true next token get more weight. About 87 B/position at K=64 (15% below `sqrt`).
+row before, and the true next token get more weight. About 87 payload B/position at K=64 (15% below `sqrt`); the whole store ~90 (scripts/results/codec.md).
 
 `sqrt` codes the same levels as byte streams for zstd's Huffman stage: ids as gaps in a learned
 vocabulary order (`vocab_order`), split into a bucket symbol and raw low bits; level steps; per
-column group. About 102 B/position at K=64. Pure Python + zstd.
+column group. About 102 payload B/position at K=64. Pure Python + zstd.
 
 `raw`: int32 ids and float32 log-probs as given, zstd level 1 (lossless, about 4x larger).
 """
