@@ -22,7 +22,8 @@ level above and the column), the tail level as a residual from the normalization
 equal levels as a set of ids drawn from a weight table over the vocabulary that starts, in every
 frame, from the shard's learned id frequencies (`id_prior`) and adapts to the sample: ids seen
 earlier in the frame, ids of the rows with the same input token, the same two input tokens, and the
-row before, and the true next token get more weight. About 87 payload B/position at K=64 (15% below `sqrt`); the whole store ~90 (scripts/results/codec.md).
+row before, and the true next token get more weight. About 87 payload B/position at K=64 (15% below
+`sqrt`); the whole store ~90 (scripts/results/codec.md).
 
 `sqrt` codes the same levels as byte streams for zstd's Huffman stage: ids as gaps in a learned
 vocabulary order (`vocab_order`), split into a bucket symbol and raw low bits; level steps; per

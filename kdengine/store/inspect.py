@@ -12,8 +12,8 @@ import numpy as np
 from kdengine.store.format import SECTION_PREFIX
 from kdengine.store.reader import TopKStore
 
-SUMMARY_KEYS = ("targets", "samples", "tokens", "positions", "bytes", "bytes_per_position", "payload_bytes_per_position",
-                "split", "split_per_position", "top_k", "top_p", "format_version", "vocab_size",
+SUMMARY_KEYS = ("targets", "samples", "tokens", "positions", "bytes", "bytes_per_position",
+                "payload_bytes_per_position", "split", "split_per_position", "top_k", "top_p", "format_version", "vocab_size",
                 "teacher", "tokenizer_fingerprint", "codec", "entries_per_position", "tail_mass", "entries_for_mass")
 # Only in the summary of a sampled-target store (targets "sample").
 SAMPLED_KEYS = ("draws_per_position", "proposal_temperature", "distinct_ids_per_position")
@@ -23,7 +23,8 @@ MASSES = (0.9, 0.99, 0.999)
 QUANTILES = (0.5, 0.9, 0.99)
 _FRAME_HEADER_BYTES = 12
 _TENSOR_PART = {"input_ids": "tokens", "input_ids.zst": "tokens", "positions": "positions",
-                "position_gaps.zst": "positions", "payload": "payload", "id_prior": "tables", "id_count_codes.zst": "tables",
+                "position_gaps.zst": "positions", "payload": "payload", "id_prior": "tables",
+                "id_count_codes.zst": "tables",
                 "vocab_order": "tables", "vocab_order.zst": "tables", "token_offsets": "index",
                 "position_offsets": "index", "frame_offsets": "index", "sample_index": "index", "sample_crc32": "index"}
 
