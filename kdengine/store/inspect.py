@@ -13,8 +13,9 @@ from kdengine.store.format import SECTION_PREFIX
 from kdengine.store.reader import TopKStore
 
 SUMMARY_KEYS = ("targets", "samples", "tokens", "positions", "bytes", "bytes_per_position",
-                "payload_bytes_per_position", "split", "split_per_position", "top_k", "top_p", "format_version", "vocab_size",
-                "teacher", "tokenizer_fingerprint", "codec", "entries_per_position", "tail_mass", "entries_for_mass")
+                "payload_bytes_per_position", "split", "split_per_position", "top_k", "top_p", "format_version",
+                "vocab_size", "teacher", "tokenizer_fingerprint", "codec", "entries_per_position", "tail_mass",
+                "entries_for_mass")
 # Only in the summary of a sampled-target store (targets "sample").
 SAMPLED_KEYS = ("draws_per_position", "proposal_temperature", "distinct_ids_per_position")
 SPLIT_KEYS = ("payload_ids", "payload_values", "payload", "tokens", "positions", "tables", "index", "sections",
