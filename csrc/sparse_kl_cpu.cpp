@@ -5,6 +5,8 @@
 // baseline x86-64 with runtime selection (target_clones). Math shared with CUDA: sparse_kl_math.h.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__linux__)
@@ -44,12 +46,89 @@ struct AccOf<double> {
   using type = double;
 };
 
+// Conversions between float and bf16 / fp16 in a form the loop vectorizer takes: c10's scalar ones
+// branch (NaN checks, denormal paths) and kept the bf16 / fp16 dense backward scalar (3.6x and 4.5x
+// the fp32 forward+backward time on one thread) and the fp16 forward at 2x. Narrowing rounds to
+// nearest even, as c10 does, with selects only.
+KD_INLINE uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+KD_INLINE float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// bf16: the top 16 bits, rounded; a NaN stays a quiet NaN.
+KD_INLINE uint16_t bf16_bits(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(((u & 0x7FFFFFFFu) > 0x7F800000u ? (u | 0x00400000u) : rounded) >> 16);
+}
+
+// fp16 (F. Giesen's float_to_half_fast3_rtne): overflow to inf, NaN to a quiet NaN, subnormals
+// rounded by a float add against a magic constant, normals by adding the rounding bias to the bits.
+KD_INLINE uint16_t f16_bits(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t sign = u & 0x80000000u, a = u ^ sign;
+  const uint32_t denorm_magic = ((127 - 15) + (23 - 10) + 1) << 23;
+  const uint32_t inf_nan = a > 0x7F800000u ? 0x7E00u : 0x7C00u;
+  const uint32_t denorm = float_bits(bits_float(a) + bits_float(denorm_magic)) - denorm_magic;
+  const uint32_t normal = (a + (static_cast<uint32_t>(15 - 127) << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+  const uint32_t h = a >= 0x47800000u ? inf_nan : a < 0x38800000u ? denorm : normal;
+  return static_cast<uint16_t>(h | (sign >> 16));
+}
+
+template <typename scalar_t>
+struct Store {
+  static KD_INLINE void at(scalar_t* dx, int64_t j, float v) { dx[j] = static_cast<scalar_t>(v); }
+};
+template <>
+struct Store<double> {
+  static KD_INLINE void at(double* dx, int64_t j, double v) { dx[j] = v; }
+};
+template <>
+struct Store<c10::BFloat16> {
+  static KD_INLINE void at(c10::BFloat16* dx, int64_t j, float v) { reinterpret_cast<uint16_t*>(dx)[j] = bf16_bits(v); }
+};
+template <>
+struct Store<c10::Half> {
+  static KD_INLINE void at(c10::Half* dx, int64_t j, float v) { reinterpret_cast<uint16_t*>(dx)[j] = f16_bits(v); }
+};
+
+// fp16 -> float (the FP16 library's fp16_ieee_to_fp32_value, as selects).
+KD_INLINE float f16_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u, two_w = w + w;
+  const float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * bits_float(0x7800000u);  // * 2^-112
+  const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  return bits_float(sign | (two_w < (1u << 27) ? float_bits(denormalized) : float_bits(normalized)));
+}
+
+template <typename acc_t, typename scalar_t>
+struct Load {
+  static KD_INLINE acc_t at(const scalar_t* x, int64_t j) { return static_cast<acc_t>(x[j]); }
+};
+template <typename acc_t>
+struct Load<acc_t, c10::BFloat16> {
+  static KD_INLINE acc_t at(const c10::BFloat16* x, int64_t j) {
+    return bits_float(static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(x)[j]) << 16);
+  }
+};
+template <typename acc_t>
+struct Load<acc_t, c10::Half> {
+  static KD_INLINE acc_t at(const c10::Half* x, int64_t j) { return f16_to_float(reinterpret_cast<const uint16_t*>(x)[j]); }
+};
+
 template <typename acc_t, typename scalar_t>
 KD_INLINE acc_t max_of(const scalar_t* x, int64_t n) {
   acc_t m = -INFINITY;
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) {
-    acc_t v = static_cast<acc_t>(x[i]);
+    acc_t v = Load<acc_t, scalar_t>::at(x, i);
     m = v > m ? v : m;
   }
   return m;
@@ -60,7 +139,7 @@ template <typename acc_t, typename scalar_t>
 KD_INLINE acc_t sum_exp2(const scalar_t* x, int64_t n, acc_t scale2, acc_t sh) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += exp2_fast(static_cast<acc_t>(x[i]) * scale2 - sh);
+  for (int64_t i = 0; i < n; ++i) s += exp2_fast(Load<acc_t, scalar_t>::at(x, i) * scale2 - sh);
   return s;
 }
 
@@ -146,7 +225,7 @@ KD_INLINE void forward_row(const ForwardParams& p, int64_t r, int32_t* ids_buf) 
 template <bool kCeSep, typename scalar_t, typename acc_t>
 KD_INLINE void dense_row(const scalar_t* x, scalar_t* dx, int64_t n, const DenseCoefs<acc_t>& c, acc_t scale2) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dx[j] = static_cast<scalar_t>(dense_grad<kCeSep>(static_cast<acc_t>(x[j]), c, scale2));
+  for (int64_t j = 0; j < n; ++j) Store<scalar_t>::at(dx, j, dense_grad<kCeSep>(Load<acc_t, scalar_t>::at(x, j), c, scale2));
 }
 
 template <typename scalar_t>

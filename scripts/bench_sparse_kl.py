@@ -3,16 +3,19 @@
 Prerequisites: the extension built (`pip install --no-build-isolation -e .`, or in a work tree
 `python setup.py build_ext --inplace` and PYTHONPATH=.).
 
-    python scripts/bench_sparse_kl.py                     # CPU: N=4096 V=49152 K=64 float32
+    python scripts/bench_sparse_kl.py                     # CPU: N=4096 V=49152 K=64 float32, every divergence
+    python scripts/bench_sparse_kl.py --compiled --dtypes float32,bfloat16   # + torch.compile(reference), bf16
     python scripts/bench_sparse_kl.py --device cuda       # CUDA: N=16384 V=128256 K=64 bfloat16, then the N x V sweep
 
-The baseline is kdengine.losses.reference (log_softmax -> gather -> KL against the renormalised
-top-k, float32, autograd), in the default mode (no tail, T = 1, alpha = 1). "Extra memory" is the
-peak beyond the logits and their gradient: peak RSS on CPU (reset through /proc/self/clear_refs),
-torch.cuda.max_memory_allocated on CUDA. On CUDA it also measures the device-to-device copy
-bandwidth of the card, the bandwidth floor of the op (two reads and one write of N x V logits) and a
-dense KL (F.kl_div against a dense teacher) of the same shape. Tables (markdown + CSV) go to
-scripts/results/ (or --out); a short summary is printed last.
+The baseline is kdengine.losses.reference (log_softmax -> gather -> divergence over the top-k (+ tail)
+buckets, float32, autograd). On CPU every mode of --modes runs (default: fkl without the tail, the
+trainer's default; fkl, rkl and jsd with the tail at T = 1; fkl with the tail and CE mixed in at
+T = 2), and within a mode the contenders alternate run by run, so load drifts hit them alike.
+"Extra memory" is the peak beyond the logits and their gradient: peak RSS on CPU (reset through
+/proc/self/clear_refs), torch.cuda.max_memory_allocated on CUDA. On CUDA it also measures the
+device-to-device copy bandwidth of the card, the bandwidth floor of the op (two reads and one write
+of N x V logits) and a dense KL (F.kl_div against a dense teacher) of the same shape. Tables
+(markdown + CSV) go to scripts/results/ (or --out); a short summary is printed last.
 """
 from __future__ import annotations
 
@@ -53,6 +56,16 @@ def make_inputs(n, vocab, k, dtype, device, seed=0):
     return logits.requires_grad_(), idx, logp.float()
 
 
+# CPU modes: name -> sparse_kl keywords (labels are passed to every call; alpha = 1 ignores them)
+MODES = {
+    "fkl": dict(),
+    "fkl_tail": dict(tail=True),
+    "rkl_tail": dict(tail=True, divergence="rkl"),
+    "jsd_tail": dict(tail=True, divergence="jsd", beta=0.5),
+    "fkl_tail_ce_T2": dict(tail=True, alpha=0.5, temperature=2.0),
+}
+
+
 def ours(logits, idx, logp):
     return sparse_kl(logits, idx, logp)
 
@@ -74,19 +87,25 @@ def step(fn, logits, *args, backward=True):
     return loss
 
 
-def time_cpu(fn, logits, *args, backward=True, warmup=1, repeat=5):
-    """(median wall ms, median process CPU ms): CPU time, summed over threads, is what a shared
-    machine disturbs least."""
-    for _ in range(warmup):
+def _time_once(fn, logits, *args, backward=True):
+    w0, c0 = time.perf_counter(), time.process_time()
+    step(fn, logits, *args, backward=backward)
+    return (time.perf_counter() - w0) * 1e3, (time.process_time() - c0) * 1e3
+
+
+def time_alternating(contenders, logits, *args, backward=True, repeat=5):
+    """{name: (median wall ms, median CPU ms)}: one warm-up each, then `repeat` rounds in which every
+    contender runs once, in turn."""
+    for fn in contenders.values():
         step(fn, logits, *args, backward=backward)
-    wall, cpu = [], []
+    times = {name: ([], []) for name in contenders}
     for _ in range(repeat):
-        w0, c0 = time.perf_counter(), time.process_time()
-        step(fn, logits, *args, backward=backward)
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
+        for name, fn in contenders.items():
+            w, c = _time_once(fn, logits, *args, backward=backward)
+            times[name][0].append(w)
+            times[name][1].append(c)
     logits.grad = None
-    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+    return {name: (statistics.median(w), statistics.median(c)) for name, (w, c) in times.items()}
 
 
 def time_cuda(fn, *args, warmup=3, repeat=10, **kw):
@@ -165,37 +184,70 @@ def write_tables(out_dir, stem, title, header_lines, columns, rows):
 def bench_cpu(args):
     torch.set_num_threads(args.threads)
     n, vocab, k = args.n or 4096, args.v or 49152, args.k
-    dtype = getattr(torch, args.dtype or "float32")
-    logits, idx, logp = make_inputs(n, vocab, k, dtype, "cpu")
-    rows = []
-    for name, fn in (("kdengine sparse_kl (C++ kernel)", ours), ("plain torch (kdengine.losses.reference)", reference)):
-        fwd, _ = time_cpu(fn, logits, idx, logp, backward=False, repeat=args.repeat)
-        both, both_cpu = time_cpu(fn, logits, idx, logp, repeat=args.repeat)
-        rows.append(dict(variant=name, fwd_ms=round(fwd, 1), fwd_bwd_ms=round(both, 1), fwd_bwd_cpu_ms=round(both_cpu, 1),
-                         peak_extra_mib=round(peak_extra_cpu(fn, logits, idx, logp), 1)))
-    ref = rows[1]
-    for r in rows:
-        r["speedup_fwd_bwd"] = f"{ref['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x"
-        r["speedup_cpu_time"] = f"{ref['fwd_bwd_cpu_ms'] / r['fwd_bwd_cpu_ms']:.2f}x"
-        r["extra_mem_vs_ref"] = f"{100 * r['peak_extra_mib'] / max(ref['peak_extra_mib'], 1e-9):.2f}%"
+    dtypes = (args.dtypes or args.dtype or "float32").split(",")
+    load_at_start = os.getloadavg()
+    rows, summary = [], []
+    for dtype_name in dtypes:
+        logits, idx, logp = make_inputs(n, vocab, k, getattr(torch, dtype_name), "cpu")
+        labels = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(1))
+        for mode in args.modes.split(","):
+            kw = MODES[mode]
+            contenders = {
+                "kernel": lambda x, i, lp, kw=kw: sparse_kl(x, i, lp, labels, **kw),
+                "reference": lambda x, i, lp, kw=kw: sparse_kl_reference(x, i, lp, labels, **kw),
+            }
+            if args.compiled:
+                compiled = torch.compile(sparse_kl_reference, dynamic=False)
+                contenders["compiled reference"] = lambda x, i, lp, kw=kw, f=compiled: f(x, i, lp, labels, **kw)
+                t0 = time.perf_counter()
+                step(contenders["compiled reference"], logits, idx, logp)  # compile time excluded below
+                compile_s = time.perf_counter() - t0
+            fwd = time_alternating(contenders, logits, idx, logp, backward=False, repeat=args.repeat)
+            both = time_alternating(contenders, logits, idx, logp, repeat=args.repeat)
+            mode_rows = []
+            for name, fn in contenders.items():
+                mode_rows.append(dict(
+                    dtype=dtype_name, mode=mode, variant=name, fwd_ms=round(fwd[name][0], 1),
+                    fwd_bwd_ms=round(both[name][0], 1), fwd_bwd_cpu_ms=round(both[name][1], 1),
+                    peak_extra_mib=round(peak_extra_cpu(fn, logits, idx, logp), 1),
+                ))
+            ref = mode_rows[1]
+            for r in mode_rows:
+                r["speedup_fwd_bwd"] = f"{ref['fwd_bwd_ms'] / r['fwd_bwd_ms']:.2f}x"
+                r["speedup_cpu_time"] = f"{ref['fwd_bwd_cpu_ms'] / r['fwd_bwd_cpu_ms']:.2f}x"
+                r["extra_mem_vs_ref"] = f"{100 * r['peak_extra_mib'] / max(ref['peak_extra_mib'], 1e-9):.2f}%"
+            kernel = mode_rows[0]
+            line = (f"{dtype_name} {mode}: kernel fwd+bwd {kernel['fwd_bwd_ms']} ms, speed-up over the reference "
+                    f"{kernel['speedup_fwd_bwd']} (CPU time {kernel['speedup_cpu_time']}), extra memory "
+                    f"{kernel['peak_extra_mib']} MiB vs {ref['peak_extra_mib']} MiB")
+            if args.compiled:
+                comp = mode_rows[2]
+                line += (f"; over the compiled reference {comp['fwd_bwd_ms'] / kernel['fwd_bwd_ms']:.2f}x "
+                         f"(compiled in {compile_s:.0f} s, excluded)")
+            summary.append(line)
+            rows += mode_rows
+        del logits, idx, logp
+    if "float32" in dtypes:
+        for r in rows:
+            base = next(b for b in rows if b["dtype"] == "float32" and b["mode"] == r["mode"] and b["variant"] == r["variant"])
+            r["vs_fp32_time"] = f"{r['fwd_bwd_ms'] / base['fwd_bwd_ms']:.2f}x"
     header = [
-        f"shape N={n}, V={vocab}, K={k}, logits {args.dtype or 'float32'}, default mode (no tail, T=1, alpha=1)",
+        f"shape N={n}, V={vocab}, K={k}, logits {', '.join(dtypes)}; modes: "
+        + "; ".join(f"{m} = {MODES[m] or 'defaults (no tail, T=1, alpha=1)'}" for m in args.modes.split(",")),
         f"CPU: {cpu_name()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}",
-        f"median of {args.repeat} runs after 1 warm-up; forward+backward includes allocating the [N, V] gradient "
-        f"(THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}: torch's huge-page "
-        "allocation, which makes first-touch page faults of new [N, V] tensors much cheaper)",
+        f"median of {args.repeat} runs after 1 warm-up, contenders alternating run by run; forward+backward "
+        f"includes allocating the [N, V] gradient (THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')})",
         "cpu_ms: process CPU time (all threads), less disturbed than wall time on a shared machine",
-        f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        f"load average: {load_at_start[0]:.1f} at start, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores",
         "peak extra memory: peak RSS beyond what lived before the call, minus the gradient",
+        "vs_fp32_time: this row's fwd+bwd time over the same contender's float32 time",
         f"measured {datetime.datetime.now():%Y-%m-%d %H:%M}",
     ]
-    cols = ["variant", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd", "fwd_bwd_cpu_ms", "speedup_cpu_time",
-            "peak_extra_mib", "extra_mem_vs_ref"]
-    table = write_tables(args.out, "sparse_kl_cpu", "Sparse KL, CPU: kernel vs plain torch", header, cols, rows)
+    cols = ["dtype", "mode", "variant", "fwd_ms", "fwd_bwd_ms", "speedup_fwd_bwd", "fwd_bwd_cpu_ms", "speedup_cpu_time",
+            "peak_extra_mib", "extra_mem_vs_ref", "vs_fp32_time"]
+    table = write_tables(args.out, args.stem, "Sparse KL, CPU: kernel vs plain torch", header, cols, rows)
     print(table)
-    return [f"CPU ({torch.get_num_threads()} threads) fwd+bwd {rows[0]['fwd_bwd_ms']} ms vs reference "
-            f"{ref['fwd_bwd_ms']} ms ({rows[0]['speedup_fwd_bwd']}; CPU time {rows[0]['speedup_cpu_time']}); "
-            f"extra memory {rows[0]['peak_extra_mib']} MiB vs {ref['peak_extra_mib']} MiB ({rows[0]['extra_mem_vs_ref']})"]
+    return summary
 
 
 def _cuda_case(n, vocab, k, dtype, bandwidth, with_reference, with_dense, repeat):
@@ -275,6 +327,11 @@ def main():
     parser.add_argument("--k", type=int, default=64, help="top-k K (default: 64)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--dtypes", help="CPU: comma-separated logits dtypes, one table (e.g. float32,bfloat16)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"CPU: comma-separated modes of {list(MODES)}")
+    parser.add_argument("--compiled", action="store_true",
+                        help="CPU: add torch.compile(reference) as a contender (compile time excluded)")
+    parser.add_argument("--stem", default="sparse_kl_cpu", help="CPU: file name of the tables (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per variant; the median is reported (default: 5)")
     parser.add_argument("--no-sweep", action="store_true", help="CUDA: skip the N x V sweep")

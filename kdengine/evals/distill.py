@@ -6,6 +6,7 @@ teacher's and the student's next-token distributions:
 
 - KL to teacher: KL(p_t || p_s) = sum_v p_t(v) * (log p_t(v) - log p_s(v)), in nats, averaged over
   positions (the forward KL that distillation minimises, here without any top-k truncation);
+- reverse KL: KL(p_s || p_t), the same the other way round (what a reverse-KL student minimises);
 - top-1 agreement: the fraction of positions where argmax p_s = argmax p_t;
 - perplexity: exp of the mean negative log-likelihood of the actual next token input_ids[p + 1];
 - calibration error against the teacher (ECE): the student's confidence c = max_v p_s(v) in its
@@ -41,6 +42,7 @@ class DistillMetrics:
 
     kl_to_teacher: float
     top1_agreement: float
+    reverse_kl: float
     perplexity: float
     positions: int
     ece_to_teacher: float
@@ -83,7 +85,7 @@ def distill_metrics(teacher, students: Mapping[str, torch.nn.Module], samples: S
                              f"{teacher.vocab_size}; a student must share the teacher's tokenizer "
                              "(see `kdengine make-student`)")
     names = [TEACHER, *students]
-    sums = {name: np.zeros(3) for name in names}  # KL, agreements, NLL, each summed over positions
+    sums = {name: np.zeros(4) for name in names}  # KL, agreements, NLL, reverse KL, each summed over positions
     bins = {name: np.zeros((ECE_BINS, 3)) for name in names}  # per confidence bin: count, sum c, sum p_t(y)
     with tqdm(total=len(samples), unit="sample", desc="held-out KL", disable=not progress) as bar:
         for b in padded_batches(samples, batch_size):
@@ -102,6 +104,7 @@ def distill_metrics(teacher, students: Mapping[str, torch.nn.Module], samples: S
             bar.update(len(b.samples))
     return {name: DistillMetrics(kl_to_teacher=0.0 if name == TEACHER else float(s[0] / total_positions),
                                  top1_agreement=1.0 if name == TEACHER else float(s[1] / total_positions),
+                                 reverse_kl=0.0 if name == TEACHER else float(s[3] / total_positions),
                                  perplexity=math.exp(s[2] / total_positions), positions=total_positions,
                                  ece_to_teacher=float(np.abs(bins[name][:, 1] - bins[name][:, 2]).sum()
                                                       / total_positions))
@@ -130,9 +133,10 @@ def _calibration_bins(t_logp: torch.Tensor, s_logp: torch.Tensor) -> np.ndarray:
 
 
 def _position_sums(t_logp: torch.Tensor, s_logp: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """[KL(p_t || p_s) summed over rows, rows where the argmaxes agree, NLL of `labels` under p_s summed]
-    for log-probs [P, V] and labels int64 [P]."""
+    """[KL(p_t || p_s) summed over rows, rows where the argmaxes agree, NLL of `labels` under p_s summed,
+    KL(p_s || p_t) summed] for log-probs [P, V] and labels int64 [P]."""
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+    reverse = (s_logp.exp() * (s_logp - t_logp)).sum(-1)
     agree = (s_logp.argmax(-1) == t_logp.argmax(-1)).sum()
     nll = -s_logp.gather(1, labels[:, None]).sum()
-    return np.array([kl.double().sum().item(), float(agree), nll.double().item()])
+    return np.array([kl.double().sum().item(), float(agree), nll.double().item(), reverse.double().sum().item()])

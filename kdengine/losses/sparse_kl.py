@@ -1,9 +1,11 @@
-"""`sparse_kl`: the distillation loss, one autograd.Function over the compiled kernels.
+"""`sparse_kl`: the distillation loss over the compiled kernels.
 
-The forward validates its inputs, runs the CPU or CUDA kernel (kdengine._C), which reads the logits
-once and returns the per-row loss plus O(N + N*K) statistics; the backward writes dX in one more
-pass. Without the compiled extension (or without its CUDA part for a CUDA tensor) it falls back to
-the pure-torch reference with a one-time warning. The formula and its gradient: reference.py.
+The function validates its inputs (unless `validate=False`), runs the CPU or CUDA kernel through the
+`torch.ops.kdengine.sparse_kl_forward` custom op (ops.py: fake implementation and registered
+autograd, so `torch.compile` traces it), which reads the logits once and returns the per-row loss
+plus O(N + N*K) statistics; the backward writes dX in one more pass. Without the compiled extension
+(or without its CUDA part for a CUDA tensor) it falls back to the pure-torch reference with a one-time
+warning. The formula and its gradient: reference.py.
 """
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import numbers
 import warnings
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from . import ops
 from .reference import DIVERGENCES, SparseKLOutput, sparse_kl_reference
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -40,6 +42,7 @@ def sparse_kl(
     beta: float = 0.5,
     tempered_lse: torch.Tensor | None = None,
     return_parts: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor | SparseKLOutput:
     """A divergence between the teacher's top-k distribution and the student's softmax, mixed with CE.
 
@@ -78,6 +81,11 @@ def sparse_kl(
         return_parts: return SparseKLOutput(loss, kd, ce): kd = T^2 D and ce, reduced like the loss
             and detached (for logging; ce is None without labels). They come from the same kernel
             pass; asking for a part that alpha weighs by 0 makes the pass compute it.
+        validate: check the values of the inputs (ids, log-probs, labels, tempered_lse, and NaN/inf
+            in the logits' rows), at the cost of one host-device sync per call. False skips these
+            checks (shapes, dtypes and options are still checked, at no device cost): for a training
+            loop whose first step ran validated, and for `torch.compile(..., fullgraph=True)`.
+            Invalid values then give undefined (possibly NaN) results, not an error.
 
     Returns:
         float32 (float64 for float64 logits): a scalar, or [N] for reduction="none" (ignored rows 0);
@@ -89,45 +97,67 @@ def sparse_kl(
         outside [0, V); alpha outside [0, 1] or < 1 without labels; temperature <= 0; an unknown
         reduction or divergence; beta outside (0, 1); "rkl"/"jsd" without the tail; a non-finite
         tempered_lse in a counted row; logits rows with NaN/+inf (or no finite entry) among the
-        counted rows. The data checks cost one host-device sync per call; NaN in the logits is
-        detected by the kernel's own per-row statistics rather than by another read of the [N, V] logits.
+        counted rows (with `validate`). The data checks cost one host-device sync per call; NaN in the
+        logits is detected by the kernel's own per-row statistics rather than by another read of the
+        [N, V] logits.
     """
-    _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction,
-                divergence, beta, tempered_lse)
-    if logits.stride(1) != 1 and logits.shape[1] > 1:
+    if isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.stride(1) != 1 and logits.shape[1] > 1:
         logits = logits.contiguous()  # the kernels stream rows; row-strided views need no copy
-    if labels is not None:
-        labels = labels.long()
-    checks = _DataChecks(logits, topk_idx, topk_logp, labels, tail, ignore_index, tempered_lse)
-    ext = _extension_for(logits.device)
-    if ext is None:
-        checks.raise_if_invalid(bad_logit_rows=_bad_rows_by_torch(logits, checks.counted))
-        out = sparse_kl_reference(
+    topk_idx, topk_logp, labels, tempered_lse, checks = _prepare(
+        logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction, divergence, beta,
+        tempered_lse, validate)
+    if _extension_for(logits.device) is None:
+        if validate:
+            checks.raise_if_invalid(bad_logit_rows=_bad_rows_by_torch(logits, checks.counted))
+        loss_rows, kd_rows, ce_rows = sparse_kl_reference(
             logits, topk_idx, topk_logp, labels,
             tail=tail, alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction="none",
             divergence=divergence, beta=beta, tempered_lse=tempered_lse, return_parts=True,
         )
-        loss_rows, kd_rows, ce_rows = out
-    else:
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        loss_rows, row_stats = _SparseKLFunction.apply(
-            logits,
-            topk_idx.to(torch.int32).contiguous(),
-            topk_logp.to(acc).contiguous(),
-            None if labels is None else labels.contiguous(),
-            None if tempered_lse is None else tempered_lse.to(acc).contiguous(),
-            checks, ext, tail, float(alpha), float(temperature), int(ignore_index),
-            DIVERGENCES.index(divergence), float(beta), return_parts,
-        )
-        kd_rows, ce_rows = row_stats[:, _STAT_KD], None if labels is None else row_stats[:, _STAT_CE]
-    loss = _reduce(loss_rows, reduction, checks.count)
-    if not return_parts:
+        return _reduce_all(loss_rows, kd_rows, ce_rows, checks.count, reduction, return_parts)
+    loss_rows, row_stats, _ = torch.ops.kdengine.sparse_kl_forward(
+        logits, topk_idx, topk_logp, labels, tempered_lse, tail, float(alpha), float(temperature), int(ignore_index),
+        DIVERGENCES.index(divergence), float(beta), return_parts,
+    )
+    return _finish(loss_rows, row_stats, labels, checks, reduction, return_parts, validate)
+
+
+def _prepare(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction, divergence, beta,
+             tempered_lse, validate, device=None):
+    """Checks (metadata always; values with `validate`, queued without a sync) and the kernels' input
+    layout. `logits` may be a meta tensor of the logits' shape and dtype (sparse_kl_linear), with
+    `device` the real one. Returns (topk_idx int32, topk_logp acc, labels int64, tempered_lse acc, checks)."""
+    device = logits.device if device is None else device
+    _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction,
+                divergence, beta, tempered_lse, device)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    labels = None if labels is None else labels.long().contiguous()
+    n, vocab = logits.shape
+    checks = (_DataChecks if validate else _Counts)(n, vocab, device, topk_idx, topk_logp, labels, tail, ignore_index,
+                                                    tempered_lse)
+    return (topk_idx.to(torch.int32).contiguous(), topk_logp.to(acc).contiguous(), labels,
+            None if tempered_lse is None else tempered_lse.to(acc).contiguous(), checks)
+
+
+def _finish(loss_rows, row_stats, labels, checks, reduction, parts, validate):
+    """The kernels' logits check (with `validate`) and the reductions of the loss and its parts."""
+    if validate:
+        # row_stats[:, 0] is the row max, [:, 1] the sum of exps against it: a NaN/+inf logit or a
+        # row with no finite logit shows there, at no extra pass over the logits.
+        max_, sum_ = row_stats[:, 0], row_stats[:, 1]
+        bad = ~(torch.isfinite(max_) & torch.isfinite(sum_) & (sum_ > 0))
+        checks.raise_if_invalid(bad_logit_rows=bad & checks.counted)
+    kd_rows = row_stats[:, ops.STAT_KD].detach()
+    ce_rows = None if labels is None else row_stats[:, ops.STAT_CE].detach()
+    return _reduce_all(loss_rows, kd_rows, ce_rows, checks.count, reduction, parts)
+
+
+def _reduce_all(loss_rows, kd_rows, ce_rows, count, reduction, parts):
+    loss = _reduce(loss_rows, reduction, count)
+    if not parts:
         return loss
-    return SparseKLOutput(loss, _reduce(kd_rows.detach(), reduction, checks.count),
-                          None if ce_rows is None else _reduce(ce_rows.detach(), reduction, checks.count))
-
-
-_STAT_KD, _STAT_CE = 4, 5  # columns of the kernels' row_stats (csrc/sparse_kl_math.h, RowStat)
+    return SparseKLOutput(loss, _reduce(kd_rows.detach(), reduction, count),
+                          None if ce_rows is None else _reduce(ce_rows.detach(), reduction, count))
 
 
 def _reduce(rows: torch.Tensor, reduction: str, count) -> torch.Tensor:
@@ -136,41 +166,6 @@ def _reduce(rows: torch.Tensor, reduction: str, count) -> torch.Tensor:
     if reduction == "sum":
         return rows.sum()
     return rows.sum() / count
-
-
-class _SparseKLFunction(torch.autograd.Function):
-    """(loss_rows [N], row_stats [N, 6]): the per-row loss, and the kernels' per-row statistics
-    (not differentiable; columns 4 and 5 are the KD and CE parts); the kernels do all the work."""
-
-    @staticmethod
-    def forward(ctx, logits, topk_idx, topk_logp, labels, tempered_lse, checks, ext, tail, alpha, temperature,
-                ignore_index, divergence, beta, parts):
-        loss_rows, row_stats, topk_grad = ext.forward(
-            logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, divergence, beta,
-            tempered_lse, parts,
-        )
-        # row_stats[:, 0] is the row max, [:, 1] the sum of exps against it: a NaN/+inf logit or a
-        # row with no finite logit shows there, at no extra pass over the logits.
-        max_, sum_ = row_stats[:, 0], row_stats[:, 1]
-        bad = ~(torch.isfinite(max_) & torch.isfinite(sum_) & (sum_ > 0))
-        checks.raise_if_invalid(bad_logit_rows=bad & checks.counted)
-        ctx.ext = ext
-        ctx.params = (alpha, temperature, ignore_index)
-        ctx.save_for_backward(logits, topk_idx, labels, row_stats, topk_grad)
-        ctx.mark_non_differentiable(row_stats)
-        return loss_rows, row_stats
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_rows, _grad_stats):
-        logits, topk_idx, labels, row_stats, topk_grad = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0]:
-            # The per-row weights fold into the kernel's per-row coefficients: a scalar grad_output
-            # (mean/sum) or a vector one (reduction="none") costs the same single pass.
-            grad_rows = grad_rows.to(row_stats.dtype).contiguous()
-            grad_logits = ctx.ext.backward(grad_rows, logits, topk_idx, labels, row_stats, topk_grad, *ctx.params)
-        return (grad_logits,) + (None,) * 13
 
 
 def _fail(message: str):
@@ -182,14 +177,14 @@ def _describe(t: torch.Tensor) -> str:
 
 
 def _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction,
-                divergence="fkl", beta=0.5, tempered_lse=None):
+                divergence, beta, tempered_lse, device):
     """Shape, dtype, device and option checks: metadata only, no device work."""
     for name, t in (("logits", logits), ("topk_idx", topk_idx), ("topk_logp", topk_logp)):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if logits.dim() != 2 or logits.dtype not in _LOGITS_DTYPES:
         _fail(f"logits must be float32/bfloat16/float16 [N, V], got {_describe(logits)}")
-    if logits.dtype == torch.float64 and logits.device.type != "cpu":
+    if logits.dtype == torch.float64 and device.type != "cpu":
         _fail(f"float64 logits are supported on CPU only (for gradcheck), got {_describe(logits)}")
     n, vocab = logits.shape
     if topk_idx.dim() != 2 or topk_idx.shape[0] != n or topk_idx.dtype not in _IDX_DTYPES:
@@ -210,8 +205,8 @@ def _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, i
             _fail(f"tempered_lse must be float32 [N] with N = {n} (or None), got {got}")
     for name, t in (("topk_idx", topk_idx), ("topk_logp", topk_logp), ("labels", labels),
                     ("tempered_lse", tempered_lse)):
-        if t is not None and t.device != logits.device:
-            _fail(f"{name} must be on the logits' device {logits.device}, got {t.device}")
+        if t is not None and t.device != device:
+            _fail(f"{name} must be on the logits' device {device}, got {t.device}")
     _check_options(tail, alpha, temperature, ignore_index, reduction, divergence, beta)
     if alpha < 1 and labels is None:
         _fail(f"alpha = {alpha} < 1 mixes in cross-entropy, which needs labels; pass labels or use alpha=1")
@@ -238,22 +233,28 @@ def _check_options(tail, alpha, temperature, ignore_index, reduction, divergence
               f"the teacher's top-k is invisible to a reverse divergence")
 
 
-class _DataChecks:
-    """Checks of the values of the small inputs ([N, K] and [N]), queued on the device without a
-    sync; `raise_if_invalid` adds the logits check and syncs once. Details (the first bad row) are
-    computed only on failure."""
+class _Counts:
+    """Which rows count, and how many (a tensor, so no sync), for the reductions."""
 
-    def __init__(self, logits, topk_idx, topk_logp, labels, tail, ignore_index, tempered_lse=None):
-        self.vocab = logits.shape[1]
-        self.topk_idx, self.topk_logp, self.labels = topk_idx, topk_logp, labels
-        self.ignore_index = ignore_index
-        n = logits.shape[0]
+    def __init__(self, n, vocab, device, topk_idx, topk_logp, labels, tail, ignore_index, tempered_lse=None):
         if labels is None:
-            self.counted = torch.ones(n, dtype=torch.bool, device=logits.device)
+            self.counted = torch.ones(n, dtype=torch.bool, device=device)
             self.count = max(n, 1)
         else:
             self.counted = labels != ignore_index
             self.count = self.counted.sum().clamp_min(1)  # an all-ignored batch has mean loss 0
+
+
+class _DataChecks(_Counts):
+    """Checks of the values of the small inputs ([N, K] and [N]), queued on the device without a
+    sync; `raise_if_invalid` adds the logits check and syncs once. Details (the first bad row) are
+    computed only on failure."""
+
+    def __init__(self, n, vocab, device, topk_idx, topk_logp, labels, tail, ignore_index, tempered_lse=None):
+        super().__init__(n, vocab, device, topk_idx, topk_logp, labels, tail, ignore_index)
+        self.vocab = vocab
+        self.topk_idx, self.topk_logp, self.labels = topk_idx, topk_logp, labels
+        self.ignore_index = ignore_index
         ids = topk_idx.sort(dim=1).values
         padding = (topk_idx == PAD_ID) & (topk_logp == float("-inf"))
         self._rows = {
@@ -321,17 +322,18 @@ def _bad_rows_by_torch(logits: torch.Tensor, counted: torch.Tensor) -> torch.Ten
 
 _EXTENSION = None
 _EXTENSION_ERROR: str | None = None
+_EXTENSION_HAS_CUDA = False  # read once at load, so that torch.compile never traces into the extension
 _WARNED: set[str] = set()
 
 
 def _load_extension():
     """kdengine._C, or None if it was not built (the import error is kept for the warning)."""
-    global _EXTENSION, _EXTENSION_ERROR
+    global _EXTENSION, _EXTENSION_ERROR, _EXTENSION_HAS_CUDA
     if _EXTENSION is None and _EXTENSION_ERROR is None:
         try:
             from kdengine import _C
 
-            _EXTENSION = _C
+            _EXTENSION, _EXTENSION_HAS_CUDA = _C, bool(_C.has_cuda())
         except ImportError as e:
             _EXTENSION_ERROR = str(e)
     return _EXTENSION
@@ -341,7 +343,7 @@ def extension_available(device: str | torch.device = "cpu") -> bool:
     """Whether sparse_kl runs a compiled kernel (not the reference) for tensors on `device`."""
     device = torch.device(device)
     ext = _load_extension()
-    return ext is not None and (device.type == "cpu" or (device.type == "cuda" and ext.has_cuda()))
+    return ext is not None and (device.type == "cpu" or (device.type == "cuda" and _EXTENSION_HAS_CUDA))
 
 
 def _extension_for(device: torch.device):
