@@ -73,10 +73,13 @@ def test_uniform_student_matches_the_closed_form(teacher, samples, tiny_model_di
 def test_position_sums_on_a_hand_computed_pair():
     t = torch.tensor([[0.75, 0.25], [0.5, 0.5]]).log()
     s = torch.tensor([[0.5, 0.5], [0.9, 0.1]]).log()
-    kl, agree, nll = _position_sums(t, s, torch.tensor([1, 0]))
+    kl, agree, nll, reverse = _position_sums(t, s, torch.tensor([1, 0]))
     expected_kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5) + 0.5 * math.log(0.5 / 0.9) \
         + 0.5 * math.log(0.5 / 0.1)
     assert kl == pytest.approx(expected_kl, rel=1e-6)
+    expected_reverse = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25) + 0.9 * math.log(0.9 / 0.5) \
+        + 0.1 * math.log(0.1 / 0.5)
+    assert reverse == pytest.approx(expected_reverse, rel=1e-6)
     assert agree == 2  # a tie (0.5, 0.5) resolves to the first index on both sides
     assert nll == pytest.approx(-math.log(0.5) - math.log(0.9), rel=1e-6)
 
