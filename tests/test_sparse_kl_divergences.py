@@ -174,6 +174,7 @@ def test_parts_add_up_and_match_separate_runs(divergence, temperature):
         got = sparse_kl(logits, idx, logp, labels, alpha=alpha, return_parts=True, **kw)
         assert torch.allclose(got.loss, sparse_kl(logits, idx, logp, labels, alpha=alpha, **kw), rtol=1e-6)
         assert torch.allclose(got.kd, kd, rtol=1e-6) and torch.allclose(got.ce, ce, rtol=1e-6)
+        assert torch.equal(got.loss, got.ce if alpha == 0.0 else got.kd)  # the trainer logs loss == its part
 
 
 def test_default_is_fkl_bit_for_bit():

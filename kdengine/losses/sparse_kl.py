@@ -147,8 +147,10 @@ def _finish(loss_rows, row_stats, labels, checks, reduction, parts, validate):
         max_, sum_ = row_stats[:, 0], row_stats[:, 1]
         bad = ~(torch.isfinite(max_) & torch.isfinite(sum_) & (sum_ > 0))
         checks.raise_if_invalid(bad_logit_rows=bad & checks.counted)
-    kd_rows = row_stats[:, ops.STAT_KD].detach()
-    ce_rows = None if labels is None else row_stats[:, ops.STAT_CE].detach()
+    # Contiguous copies: a strided column would be summed in another order than loss_rows, so a part
+    # equal to the loss row by row (alpha = 0 or 1) would differ from it in the last bits.
+    kd_rows = row_stats[:, ops.STAT_KD].detach().contiguous()
+    ce_rows = None if labels is None else row_stats[:, ops.STAT_CE].detach().contiguous()
     return _reduce_all(loss_rows, kd_rows, ce_rows, checks.count, reduction, parts)
 
 
