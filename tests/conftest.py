@@ -122,3 +122,71 @@ def rewrite_shard_metadata(store_dir, file, **changes):
         if entry["file"] == file:
             entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
     manifest_path.write_text(json.dumps(manifest))
+
+
+# ---- training: a real store dumped from the tiny model, and a 1-layer student made from it ----
+WORDS = ("apples oranges books cost each dollars how many does she buy sell give left total week day more "
+         "less than twice half the a of to and in is was for on that with").split()
+BASE = ["--batch-tokens", "256", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--save-every", "0",
+        "--seed", "0", "--workers", "0", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="session")
+def store_dir(tmp_path_factory, tiny_model_dir):
+    """A 160-sample store (3 shards, top-8) dumped from the tiny model."""
+    import json
+
+    from click.testing import CliRunner
+
+    from kdengine.cli import cli
+
+    rng = random.Random(0)
+    root = tmp_path_factory.mktemp("kd_store")
+    with open(root / "corpus.jsonl", "w") as f:
+        for i in range(160):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 30))]
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 999)))
+            f.write(json.dumps({"text": " ".join(words).capitalize() + "."}) + "\n")
+    result = CliRunner().invoke(cli, ["dump", "--teacher", str(tiny_model_dir), "--data", str(root / "corpus.jsonl"),
+                                      "--out", str(root / "store"), "--top-k", "8", "--shard-samples", "64"])
+    assert result.exit_code == 0, result.output
+    return root / "store"
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, tiny_model_dir):
+    """A 1-layer student made from the tiny model (its first layer)."""
+    from kdengine.train.student import make_student
+
+    out = tmp_path_factory.mktemp("student")
+    make_student(str(tiny_model_dir), layers=1, layer_map="first", out=str(out))
+    return out
+
+
+def train_args(student, store, out, *extra):
+    """`kdengine train` arguments for a small fast run on the tiny store."""
+    return ["--student", str(student), "--store", str(store), "--out", str(out), *BASE, *map(str, extra)]
+
+
+def read_records(out, name="metrics"):
+    import json
+    from pathlib import Path
+
+    return [json.loads(line) for line in (Path(out) / f"{name}.jsonl").read_text().splitlines()]
+
+
+def _weights(directory):
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    import torch
+
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], atol=atol, rtol=1e-5), key

@@ -24,51 +24,11 @@ from kdengine.train.student import make_student
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = str(REPO / "scripts" / "train.py")
-WORDS = ("apples oranges books cost each dollars how many does she buy sell give left total week day more "
-         "less than twice half the a of to and in is was for on that with").split()
-BASE = ["--batch-tokens", "256", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--save-every", "0",
-        "--seed", "0", "--workers", "0", "--warmup-steps", "2"]
-
-
-@pytest.fixture(scope="module")
-def store_dir(tmp_path_factory, tiny_model_dir):
-    rng = random.Random(0)
-    root = tmp_path_factory.mktemp("kd_store")
-    with open(root / "corpus.jsonl", "w") as f:
-        for i in range(160):
-            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 30))]
-            words.insert(rng.randrange(len(words)), str(rng.randint(0, 999)))
-            f.write(json.dumps({"text": " ".join(words).capitalize() + "."}) + "\n")
-    result = CliRunner().invoke(cli, ["dump", "--teacher", str(tiny_model_dir), "--data", str(root / "corpus.jsonl"),
-                                      "--out", str(root / "store"), "--top-k", "8", "--shard-samples", "64"])
-    assert result.exit_code == 0, result.output
-    return root / "store"
-
-
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory, tiny_model_dir):
-    out = tmp_path_factory.mktemp("student")
-    make_student(str(tiny_model_dir), layers=1, layer_map="first", out=str(out))
-    return out
-
-
-def _args(student, store, out, *extra):
-    return ["--student", str(student), "--store", str(store), "--out", str(out), *BASE, *map(str, extra)]
-
-
-def _records(out, name="metrics"):
-    return [json.loads(line) for line in (Path(out) / f"{name}.jsonl").read_text().splitlines()]
-
-
-def _weights(directory):
-    return load_file(str(Path(directory) / "model.safetensors"))
-
-
-def _assert_same_weights(a, b, atol=1e-6):
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        assert torch.allclose(wa[key], wb[key], atol=atol, rtol=1e-5), key
+from conftest import BASE  # noqa: F401
+from conftest import store_dir, student_dir  # noqa: F401  (fixtures, in conftest; importable from here too)
+from conftest import assert_same_weights as _assert_same_weights
+from conftest import read_records as _records
+from conftest import train_args as _args
 
 
 def test_targets_line_up_with_labels_and_logits(store_dir, student_dir):
@@ -233,9 +193,9 @@ def test_existing_run_needs_resume_and_resume_warns_on_drift(store_dir, student_
     main(_args(student_dir, store_dir, tmp_path, "--steps", 2))
     with pytest.raises(TrainError, match="already holds checkpoints .*pass --resume"):
         main(_args(student_dir, store_dir, tmp_path, "--steps", 2))
-    with pytest.raises(TrainError, match="already >= --steps 2; raise --steps"):
-        main(_args(student_dir, store_dir, tmp_path, "--steps", 2, "--resume"))
     capsys.readouterr()
+    main(_args(student_dir, store_dir, tmp_path, "--steps", 2, "--resume"))  # nothing left to do
+    assert "the run is complete (step 2 of 2" in capsys.readouterr().err
     main(_args(student_dir, store_dir, tmp_path, "--steps", 3, "--resume", "--lr", 1e-3, "--log-every", 3))
     err = capsys.readouterr().err
     assert "warning: config changed since step-00000002: lr: checkpoint 0.003 -> now 0.001" in err
@@ -278,3 +238,25 @@ def test_a_run_repeats_from_its_own_config_yaml(store_dir, student_dir, tmp_path
     main(["--config", str(saved), "--out", str(tmp_path / "again")])
     assert [r["loss"] for r in _records(tmp_path / "again")] == [r["loss"] for r in _records(tmp_path / "flags")]
     _assert_same_weights(tmp_path / "flags" / "final", tmp_path / "again" / "final", atol=0)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_of_two_gloo_ranks_resumes_exactly(store_dir, student_dir, tmp_path):
+    common = ["--steps", 4, "--batch-tokens", 128, "--alpha", 0.5]
+    main(_args(student_dir, store_dir, tmp_path / "one", *common, "--grad-accum", 4))
+    _torchrun(_args(student_dir, store_dir, tmp_path / "two", *common, "--grad-accum", 2, "--fsdp",
+                    "--stop-after", 2), nproc=2)
+    ckpt = tmp_path / "two" / "checkpoints" / "step-00000002"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert "model.safetensors" not in names  # no gathered model: each rank wrote its own shards
+    assert {"rank-00000.safetensors", "rank-00001.safetensors", "trainer_state.json"} <= set(names)
+    shard_rows = [load_file(str(ckpt / f"rank-0000{r}.safetensors")) for r in (0, 1)]
+    assert sum(t.numel() for t in shard_rows[0].values()) == pytest.approx(
+        sum(t.numel() for t in shard_rows[1].values()), rel=0.2)  # two halves, not two copies
+    _torchrun(_args(student_dir, store_dir, tmp_path / "two", *common, "--grad-accum", 2, "--fsdp", "--resume"),
+              nproc=2)
+    assert [r["loss"] for r in _records(tmp_path / "two")] == pytest.approx(
+        [r["loss"] for r in _records(tmp_path / "one")], rel=1e-5)
+    _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final", atol=1e-5)
+    with pytest.raises(TrainError, match="holds FSDP shards of 2 processes; resume under torchrun"):
+        main(_args(student_dir, store_dir, tmp_path / "two", *common, "--steps", 6, "--resume"))

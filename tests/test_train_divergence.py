@@ -5,7 +5,8 @@ import json
 import pytest
 
 from kdengine.train import TrainError, main
-from test_train import _args, _records, store_dir, student_dir  # noqa: F401  (fixtures)
+from conftest import read_records as _records
+from conftest import train_args as _args
 
 
 def test_divergence_is_logged_checkpointed_and_pinned_on_resume(store_dir, student_dir, tmp_path):

@@ -6,13 +6,15 @@ import torch
 
 from kdengine.train.checkpoint import (
     TrainState,
+    commit_checkpoint,
     config_drift,
+    data_order_changes,
     newest_checkpoint,
-    read_optimizer_state,
+    prepare_staging,
     read_train_state,
     remove_partial_checkpoints,
-    save_checkpoint,
 )
+from kdengine.train.state_files import load_state, save_state
 from kdengine.train.command import parse_config
 from kdengine.train.config import TrainConfig
 from kdengine.train.data import BatchSchedule, DataPosition, plan_batches, split_heldout
@@ -107,11 +109,11 @@ def _save(out, step, keep=2):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 3)).sum().backward()
     opt.step()
-    return save_checkpoint(
-        out, TrainState(step=step, epoch=0, batch_index=step, world=1, store_samples=9, config={"lr": 1.0}),
-        write_model=lambda d: torch.save(model.state_dict(), d / "weights.pt"),
-        optimizer_state=opt.state_dict(), scheduler_state={}, rng_states=[{}], keep=keep,
-    )
+    tmp = prepare_staging(out, step)
+    save_state(tmp, "optimizer", opt.state_dict())
+    state = TrainState(step=step, epoch=0, batch_index=step, world=1, store_samples=9, store_identity="ab",
+                       sharded=False, config={"lr": 1.0})
+    return commit_checkpoint(out, tmp, state, keep=keep)
 
 
 def test_checkpoints_are_atomic_newest_wins_and_old_ones_are_pruned(tmp_path):
@@ -126,7 +128,32 @@ def test_checkpoints_are_atomic_newest_wins_and_old_ones_are_pruned(tmp_path):
     assert remove_partial_checkpoints(tmp_path) == [root / ".tmp-step-00000020"]
     state = read_train_state(root / "step-00000015")
     assert (state.step, state.batch_index, state.config) == (15, 15, {"lr": 1.0})
-    assert read_optimizer_state(root / "step-00000015")["state"][0]["step"].item() == 1
+    assert load_state(root / "step-00000015", "optimizer")["state"][0]["step"].item() == 1
+
+
+def test_state_files_round_trip_without_pickle(tmp_path):
+    import random
+
+    obj = {"rng": random.getstate(), "t": torch.arange(4.0), "nested": [{"a": None, "b": (1, 2.5, "x")}],
+           "by_index": {0: torch.ones(2), 3: True}}
+    save_state(tmp_path, "s", obj)
+    back = load_state(tmp_path, "s")
+    assert back["rng"] == obj["rng"] and back["nested"] == obj["nested"] and back["by_index"][3] is True
+    assert torch.equal(back["t"], obj["t"]) and torch.equal(back["by_index"][0], obj["by_index"][0])
+    assert b"pickle" not in (tmp_path / "s.json").read_bytes()
+
+
+def test_an_old_pickle_format_checkpoint_is_refused(tmp_path):
+    (tmp_path / "trainer_state.json").write_text('{"step": 3, "epoch": 0}')
+    with pytest.raises(TrainError, match="checkpoint format 1, this kdengine reads format 2"):
+        read_train_state(tmp_path)
+
+
+def test_data_order_fields_are_refused_not_drift():
+    saved = {"seed": 0, "batch_tokens": 256, "eval_fraction": 0.02, "lr": 1.0}
+    now = {"seed": 1, "batch_tokens": 256, "eval_fraction": 0.1, "lr": 2.0}
+    assert data_order_changes(saved, now) == ["--seed: checkpoint 0, now 1", "--eval-fraction: checkpoint 0.02, now 0.1"]
+    assert config_drift(saved, now) == ["lr: checkpoint 1.0 -> now 2.0"]
 
 
 def test_config_drift_ignores_cadence_fields():

@@ -66,7 +66,7 @@ def _click_option(spec: OptionSpec) -> click.Option:
     if spec.kind is bool:
         kwargs.update(is_flag=True, default=None, flag_value=True)
     else:
-        if m["choices"] is not None:
+        if m["choices"] is not None and spec.kind is not list:  # a list's items are checked after comma-splitting
             kwargs["type"] = click.Choice([str(c) for c in m["choices"]])
         else:
             kwargs["type"] = {int: click.INT, float: click.FLOAT, str: click.STRING, list: click.STRING}[spec.kind]

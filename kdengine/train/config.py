@@ -127,6 +127,18 @@ class TrainConfig:
                                             "differ (kept in checkpoints, not in the exported student). Default: the "
                                             "layer map make-student recorded, else uniform")
 
+    # lora
+    lora_rank: int = option(0, group="lora", metavar="R", low=0,
+                            help="LoRA adapter rank (peft); 0 = full fine-tuning. Checkpoints then hold the adapter "
+                                 "only; final/ is the merged model and final/adapter/ the adapter")
+    lora_alpha: float | None = option(None, group="lora", metavar="X", low=0, low_open=True,
+                                      help="LoRA scaling numerator (scale = alpha / rank) (default: 2 x --lora-rank)")
+    lora_dropout: float = option(0.0, group="lora", metavar="P", low=0, high=1, high_open=True,
+                                 help="dropout on the LoRA branch's input")
+    lora_targets: list[str] = option([], group="lora", metavar="NAMES",
+                                     help="module names that get adapters, e.g. q_proj,v_proj (default: every "
+                                          "nn.Linear in the decoder layers: the attention and MLP projections)")
+
     # evaluation, logging, checkpoints
     eval_every: int = option(200, group="evaluation, logging, checkpoints", metavar="N", low=0,
                              help="evaluate on the held-out slice every N steps, before the first and after the "
@@ -141,6 +153,11 @@ class TrainConfig:
                                    help="how many of the newest checkpoints to keep; 0 keeps all")
     log_every: int = option(10, group="evaluation, logging, checkpoints", metavar="N", low=1,
                             help="log every N steps")
+    report_to: list[str] = option(["none"], group="evaluation, logging, checkpoints", metavar="SINKS",
+                                  choices=("none", "tensorboard", "wandb"),
+                                  help="also send every metrics.jsonl / eval.jsonl value to: none, tensorboard "
+                                       "(OUT/tensorboard/), wandb (OUT/wandb/; WANDB_MODE=offline works without "
+                                       "network); several allowed. OUT/curves.png is drawn at the end of every run")
     stop_after: int | None = option(None, group="evaluation, logging, checkpoints", metavar="STEP", low=1,
                                     help="stop after this global step with a checkpoint, keeping the schedule of "
                                          "--steps (for jobs with a wall-time limit; continue with --resume)")

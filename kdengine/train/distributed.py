@@ -99,12 +99,3 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
-
-
-def gather_objects(obj, info: DistInfo) -> list:
-    """Every rank's `obj`, in rank order (a one-element list for a single process)."""
-    if not info.distributed:
-        return [obj]
-    out = [None] * info.world
-    dist.all_gather_object(out, obj)
-    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import resource
 import shutil
 import sys
@@ -17,17 +18,24 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from torch.distributed.checkpoint.state_dict import StateDictOptions
 from torch.utils.data import DataLoader, Dataset
 
+from kdengine.locks import LockHeld, hold_lock
 from kdengine.train import checkpoint as ckpt_io
+from kdengine.durable import fsync_path
 from kdengine.train import hidden as feature_kd
+from kdengine.train.checkpoint import fsync_tree
 from kdengine.train.config import TrainConfig, write_config_yaml
 from kdengine.train.data import BatchSchedule, DataPosition, plan_batches, split_heldout
-from kdengine.train.distributed import all_reduce_sum, barrier, gather_objects, init_distributed, shutdown, wrap_model
+from kdengine.train.distributed import all_reduce_sum, barrier, init_distributed, shutdown, wrap_model
 from kdengine.train.errors import TrainError
+from kdengine.train.lora import apply_lora, load_adapter, save_adapter, write_merged
 from kdengine.train.model import TargetLogits, check_student_dir, decoder_layers, load_student, tied_aliases
 from kdengine.train.optim import build_optimizer, build_scheduler
-from kdengine.train.sources import OnlineSource, StoreSource
+from kdengine.train.reporting import open_sinks, plot_curves
+from kdengine.train.sources import OnlineSource, StoreFailure, StoreSource
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -40,8 +48,27 @@ def run(cfg: TrainConfig) -> dict:
     try:
         trainer.setup()
         return trainer.train()
+    except (OSError, SafetensorError) as exc:  # disk full, read-only filesystem, ... writing the run directory
+        trainer.remove_temporaries()
+        where = getattr(exc, "filename", None) or cfg.out
+        reason = getattr(exc, "strerror", None) or str(exc).removeprefix("Error while serializing: ")
+        raise TrainError(f"{where}: cannot write ({reason}); free space or choose another --out, then run again "
+                         "(with --resume if checkpoints were written)") from None
+    except BaseException:
+        trainer.remove_temporaries()
+        raise
     finally:
         trainer.cleanup()
+
+
+def _batches(loader):
+    """The loader's batches; a store error inside a worker is raised here as the one-line StoreError."""
+    from kdengine.store import StoreError
+
+    for batch in loader:
+        if isinstance(batch, StoreFailure):
+            raise StoreError(batch.message)
+        yield batch
 
 
 class Trainer:
@@ -53,6 +80,8 @@ class Trainer:
         self.position = DataPosition(0, 0)
         self._warned_data_wait = False
         self._metrics = None
+        self._lock = None
+        self._created_out = False
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -66,6 +95,9 @@ class Trainer:
         student_config = AutoConfig.from_pretrained(cfg.student)
         self.source.check_student(cfg.student, self.tokenizer, student_config.vocab_size)
         pairs = self._hidden_pairs(student_config)
+        store = getattr(self.source, "store", None)
+        self.store_identity = store.identity if store is not None else f"online teacher {cfg.teacher} on {cfg.data}"
+        self._claim_out()
         resume_from = self._resume_point(self.source.num_samples)
 
         lengths = self.source.lengths
@@ -80,13 +112,21 @@ class Trainer:
         self.train_data = self.source.batches(self.schedule.batches_at, pad_id)
         self.eval_data = self.source.batches(self.eval_batches.__getitem__, pad_id)
 
-        self.hf_model = load_student(resume_from or cfg.student, grad_checkpointing=cfg.grad_checkpointing)
-        self.hf_model.to(info.device)
+        self.sharded = cfg.fsdp and info.distributed
+        full_resume = resume_from is not None and not self.sharded and not cfg.lora_rank
+        self.hf_model = load_student(resume_from if full_resume else cfg.student,
+                                     grad_checkpointing=cfg.grad_checkpointing)
         self._tied = tied_aliases(self.hf_model)
+        self.peft_model = None
+        if cfg.lora_rank:
+            self.peft_model = apply_lora(self.hf_model, cfg, decoder_layers(self.hf_model))
+            if resume_from is not None and not self.sharded:
+                load_adapter(self.peft_model, resume_from / "adapter")
+        self.hf_model.to(info.device)
         if pairs:
             self.source.capture_hidden([t for _, t in pairs])
             head = feature_kd.StudentWithHidden(self.hf_model, pairs, self.source.hidden_size).to(info.device)
-            if resume_from is not None:
+            if resume_from is not None and not self.sharded:
                 feature_kd.load_projections(head, resume_from)
         else:
             head = TargetLogits(self.hf_model)
@@ -101,7 +141,8 @@ class Trainer:
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             write_config_yaml(self.out / "config.yaml", cfg)
-            self._metrics = _MetricsLog(self.out, keep_through_step=self.step if resume_from else None)
+            sinks = open_sinks(cfg.report_to, self.out, cfg.to_dict(), resume=resume_from is not None)
+            self._metrics = _MetricsLog(self.out, keep_through_step=self.step if resume_from else None, sinks=sinks)
             self._say(
                 f"{len(train_ids)} training samples, {len(self.eval_ids)} held out (seed {cfg.seed}); "
                 f"{info.world} process(es) on {info.device.type}{self._parallelism()}; "
@@ -136,6 +177,31 @@ class Trainer:
                                       teacher_layers=self.source.num_layers,
                                       recorded_map=getattr(student_config, "kdengine_layer_map", None))
 
+    def _claim_out(self) -> None:
+        """Creates --out and takes its lock for the life of the process (rank 0); every rank fails if it
+        cannot."""
+        problem = ""
+        if self.info.is_main:
+            try:
+                if self.out.exists() and not self.out.is_dir():
+                    raise TrainError(f"--out {self.out} is a file, not a directory; choose another --out")
+                self._created_out = not self.out.exists()
+                try:
+                    self.out.mkdir(parents=True, exist_ok=True)
+                    self._lock = hold_lock(self.out / ".lock", f"a training run writing to {self.out}")
+                except LockHeld as exc:
+                    raise TrainError(str(exc)) from None
+                except OSError as exc:
+                    raise TrainError(f"--out {self.out}: cannot create the run directory or its lock "
+                                     f"({exc.strerror or exc}); choose a writable --out") from None
+            except TrainError as exc:
+                problem = str(exc)
+        failed = all_reduce_sum(torch.tensor([1.0 if problem else 0.0]), self.info).item()
+        if problem:
+            raise TrainError(problem)
+        if failed:
+            raise TrainError(f"rank 0 could not claim --out {self.out} (see its message)")
+
     def _resume_point(self, store_samples: int) -> Path | None:
         existing = ckpt_io.newest_checkpoint(self.out)
         if not self.cfg.resume:
@@ -152,17 +218,31 @@ class Trainer:
             self._say(f"--resume: no checkpoint in {self.out}; starting from step 0")
             return None
         state = ckpt_io.read_train_state(existing)
-        if state.store_samples != store_samples:
-            raise TrainError(f"{existing} was trained on {state.store_samples} samples, {self.source.description} "
-                             f"now has {store_samples}: the held-out split and batch order would change; "
-                             "resume with the original data or start a new --out")
-        if state.step >= self.cfg.steps:
-            raise TrainError(f"{existing} is at step {state.step}, already >= --steps {self.cfg.steps}; "
-                             "raise --steps to train further")
+        if state.store_identity != self.store_identity or state.store_samples != store_samples:
+            raise TrainError(f"{existing} was trained on another store (identity {state.store_identity[:16]}..., "
+                             f"{state.store_samples} samples); {self.source.description} has identity "
+                             f"{self.store_identity[:16]}... ({store_samples} samples): the held-out split and "
+                             "batch order would change; resume with the original store or start a new --out")
+        changed = ckpt_io.data_order_changes(state.config, self.cfg.to_dict())
+        if changed:
+            raise TrainError(f"{existing}: {'; '.join(changed)}: these decide the batch order and the held-out "
+                             "split, so resuming would mix data and leak held-out samples into training; resume "
+                             "with the checkpoint's values or start a new --out")
+        if self.cfg.fsdp and self.info.distributed and state.world != self.info.world:
+            raise TrainError(f"{existing} holds FSDP shards of {state.world} processes, now {self.info.world}: "
+                             f"resume with --nproc_per_node {state.world} (see README: changing the world size)")
+        if state.sharded and not (self.cfg.fsdp and self.info.distributed):
+            raise TrainError(f"{existing} holds FSDP shards of {state.world} processes; resume under torchrun "
+                             f"with --nproc_per_node {state.world} --fsdp")
+        if state.step > self.cfg.steps:
+            raise TrainError(f"{existing} is at step {state.step}, past --steps {self.cfg.steps}; "
+                             f"raise --steps to at least {state.step}")
         return existing
 
     def _load_training_state(self, path: Path) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        from kdengine.train.state_files import load_state
 
         state = ckpt_io.read_train_state(path)
         for key, default in (("divergence", "fkl"), ("beta", 0.5)):  # a run's loss is one objective
@@ -172,15 +252,22 @@ class Trainer:
                                  f"resume with --{key} {saved} or start a new --out")
         for line in ckpt_io.config_drift(state.config, self.cfg.to_dict()):
             self._say(f"warning: config changed since {path.name}: {line}")
-        optim = ckpt_io.read_optimizer_state(path) if self.info.is_main or not self.info.distributed else {}
-        set_optimizer_state_dict(
-            self.module, self.optimizer, optim_state_dict=optim,
-            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=self.info.distributed),
-        )
-        extras = ckpt_io.read_trainer_extras(path)
-        self.scheduler.load_state_dict(extras["scheduler"])
-        if state.world == self.info.world:
-            ckpt_io.set_rng_state(extras["rng"][self.info.rank])
+        same_world = state.world == self.info.world
+        mine = load_state(path, ckpt_io.rank_state_name(self.info.rank)) if same_world else None
+        if self.sharded:
+            opts = StateDictOptions(full_state_dict=False, strict=self.peft_model is None)
+            set_model_state_dict(self.module, _from_local(mine["model"], self._shard_templates()), options=opts)
+            optim = _from_local(mine["optimizer"], self._shard_templates())
+        else:
+            optim = load_state(path, "optimizer")
+        set_optimizer_state_dict(self.module, self.optimizer, optim_state_dict=optim,
+                                 options=StateDictOptions(full_state_dict=not self.sharded))
+        try:
+            self.scheduler.load_state_dict(load_state(path, "scheduler"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainError(f"{path / 'scheduler.json'}: not a scheduler state ({exc})") from None
+        if same_world:
+            ckpt_io.set_rng_state(mine["rng"])
         else:
             self._say(f"warning: {path.name} was written by {state.world} processes, now {self.info.world}: "
                       "random states are not restored and per-step batches are regrouped")
@@ -188,13 +275,26 @@ class Trainer:
         self.position = DataPosition(state.epoch, state.batch_index)
         self._say(f"resumed from {path} (step {state.step})")
 
+    def _shard_templates(self) -> dict:
+        """Parameter name -> this rank's DTensor of it (mesh, placements, global shape)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.module, options=_sharded_options())
+
     # ---- loop --------------------------------------------------------------------------------
     def train(self) -> dict:
         cfg, info = self.cfg, self.info
+        if self.step >= cfg.steps:  # resumed after the last step: only final/ may be missing
+            if (self.out / "final").is_dir():
+                self._say(f"the run is complete (step {self.step} of {cfg.steps}, {self.out / 'final'} exists); "
+                          "raise --steps to train further")
+            else:
+                self._export_final()
+            return {}
         last_step = min(cfg.steps, cfg.stop_after or cfg.steps)
         accum = cfg.grad_accum
         keys = _RankKeys(self.schedule, self.position, last_step - self.step, info, accum)
-        loader = iter(_loader(self.train_data, keys, cfg.workers, info))
+        loader = _batches(_loader(self.train_data, keys, cfg.workers, info, self._lock))
         progress = _progress(info, total=cfg.steps, initial=self.step)
         if self.step == 0 and cfg.eval_every:
             self._log_eval()
@@ -234,6 +334,8 @@ class Trainer:
             if done or (cfg.save_every and self.step % cfg.save_every == 0):
                 self._save(final=done and self.step == cfg.steps)
         progress.close()
+        if info.is_main:
+            self._say(f"curves: {plot_curves(self.out)}")
         return logged
 
     def _micro_step(self, batch: dict, global_targets: float, *, with_parts: bool) -> torch.Tensor:
@@ -294,7 +396,7 @@ class Trainer:
         keys = mine + [0] * (rounds - len(mine))
         sums = torch.zeros(3, dtype=torch.float64)  # kd, agree, targets
         self.module.eval()
-        for j, batch in enumerate(_loader(self.eval_data, keys, self.cfg.workers, info)):
+        for j, batch in enumerate(_batches(_loader(self.eval_data, keys, self.cfg.workers, info, self._lock))):
             b = {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self._autocast():
                 logits, _ = _split_outputs(self.module(b["input_ids"], b["attention_mask"], b["rows"]))
@@ -353,52 +455,123 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _save(self, *, final: bool) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-        )
+        """Writes a checkpoint (every rank its own files) and, at the end of the run, final/."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(self.module, options=opts)
-        optim_state = get_optimizer_state_dict(self.module, self.optimizer, options=opts)
-        rngs = gather_objects(ckpt_io.rng_state(), self.info)
-        if self.info.is_main:
-            projections = feature_kd.projection_state(model_state)
-            hf_state = {k.removeprefix("model."): v for k, v in model_state.items() if k not in projections}
-            hf_state = {k: v for k, v in hf_state.items() if k not in self._tied}
+        from kdengine.train.state_files import save_state
+
+        info = self.info
+        tmp = ckpt_io.prepare_staging(self.out, self.step) if info.is_main else ckpt_io.staging_dir(self.out, self.step)
+        barrier(info)
+        mine = {"rng": ckpt_io.rng_state()}
+        hf_state = None
+        if self.sharded:  # each rank its own shards: nothing is gathered
+            opts = _sharded_options()
+            mine["model"] = _to_local(self._trained_part(get_model_state_dict(self.module, options=opts)))
+            mine["optimizer"] = _to_local(get_optimizer_state_dict(self.module, self.optimizer, options=opts))
+        else:
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(self.module, options=opts)
+            hf_state, projections = self._hf_state(model_state), feature_kd.projection_state(model_state)
+            optim_state = get_optimizer_state_dict(self.module, self.optimizer, options=opts)
+        written = save_state(tmp, ckpt_io.rank_state_name(info.rank), mine)
+        for path in written:
+            fsync_path(path)
+        if info.is_main:
+            if hf_state is not None:
+                if self.peft_model is not None:
+                    save_adapter(self.peft_model, tmp / "adapter", hf_state)
+                else:
+                    self._write_hf(tmp, hf_state)
+                feature_kd.save_projections(tmp, projections)
+                save_state(tmp, "optimizer", optim_state)
+            save_state(tmp, "scheduler", self.scheduler.state_dict())
+            write_config_yaml(tmp / "config.yaml", self.cfg)
+        barrier(info)  # every rank's files are on disk
+        if info.is_main:
             state = ckpt_io.TrainState(step=self.step, epoch=self.position.epoch, batch_index=self.position.index,
-                                       world=self.info.world, store_samples=self.store_samples,
+                                       world=info.world, store_samples=self.store_samples,
+                                       store_identity=self.store_identity, sharded=self.sharded,
                                        config=self.cfg.to_dict())
-            path = ckpt_io.save_checkpoint(
-                self.out, state, optimizer_state=optim_state,
-                write_model=lambda d: (self._write_hf_and_config(d, hf_state), feature_kd.save_projections(d, projections)),
-                scheduler_state=self.scheduler.state_dict(), rng_states=rngs, keep=self.cfg.keep_checkpoints,
-            )
+            path = ckpt_io.commit_checkpoint(self.out, tmp, state, keep=self.cfg.keep_checkpoints)
             self._say(f"saved {path}")
-            if final:
-                tmp, dest = self.out / ".tmp-final", self.out / "final"
-                shutil.rmtree(tmp, ignore_errors=True)
-                self._write_hf(tmp, hf_state)
-                shutil.rmtree(dest, ignore_errors=True)
-                tmp.rename(dest)
-                self._say(f"final model: {dest}")
-        barrier(self.info)
+        barrier(info)
+        if final:
+            self._export_final(hf_state)
 
-    def _write_hf_and_config(self, directory: Path, state: dict) -> None:
-        self._write_hf(directory, state)
-        write_config_yaml(directory / "config.yaml", self.cfg)
+    def _trained_part(self, model_state: dict) -> dict:
+        """The entries of a model state dict that training changes: all of them, or LoRA's adapters."""
+        if self.peft_model is None:
+            return model_state
+        trained = {name for name, p in self.module.named_parameters() if p.requires_grad}
+        return {k: v for k, v in model_state.items() if k in trained}
+
+    def _hf_state(self, model_state: dict) -> dict:
+        """A full state dict of the training module in HF names, tied aliases and feature-KD projections
+        dropped."""
+        projections = feature_kd.projection_state(model_state)
+        hf_state = {k.removeprefix("model."): v for k, v in model_state.items() if k not in projections}
+        return {k: v for k, v in hf_state.items() if k not in self._tied}
+
+    def _export_final(self, hf_state: dict | None = None) -> None:
+        """OUT/final/: the trained student as a plain HF directory (with FSDP the one full gather, to
+        rank 0's CPU memory)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        if hf_state is None:
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            hf_state = self._hf_state(get_model_state_dict(self.module, options=opts))
+        if self.info.is_main:
+            tmp, dest = self.out / ".tmp-final", self.out / "final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if self.peft_model is not None:
+                write_merged(self.cfg.student, self.cfg, decoder_layers, hf_state, tmp)
+                self.tokenizer.save_pretrained(tmp)
+            else:
+                self._write_hf(tmp, hf_state)
+            fsync_tree(tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+            fsync_path(self.out)
+            self._say(f"final model: {dest}")
+        barrier(self.info)
 
     def _write_hf(self, directory: Path, state: dict) -> None:
         self.hf_model.save_pretrained(directory, state_dict=state)
         self.tokenizer.save_pretrained(directory)
 
     def _parallelism(self) -> str:
+        mode = ""
+        if self.peft_model is not None:
+            trained = sum(p.numel() for p in self.hf_model.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in self.hf_model.parameters())
+            targets = ",".join(sorted(self.peft_model.peft_config["default"].target_modules))
+            mode = f"; LoRA rank {self.cfg.lora_rank} on {targets}: {trained:,} of {total:,} parameters trained"
         if not self.info.distributed:
-            return ""
-        return ", FSDP" if self.cfg.fsdp else ", DDP"
+            return mode
+        return (", FSDP" if self.cfg.fsdp else ", DDP") + mode
+
+    def remove_temporaries(self) -> None:
+        """After a failure (rank 0): staging directories and half-written files go; complete checkpoints
+        stay. A fresh run that wrote no checkpoint leaves no run directory behind."""
+        if not self.info.is_main or self._lock is None:
+            return
+        ckpt_io.remove_partial_checkpoints(self.out)
+        for stale in [self.out / ".tmp-final", *self.out.glob(".*.tmp-*")]:
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if self._created_out and ckpt_io.newest_checkpoint(self.out) is None:
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
+            self._lock.release()
+            self._lock = None
+            shutil.rmtree(self.out, ignore_errors=True)
 
     def cleanup(self) -> None:
         if self._metrics is not None:
             self._metrics.close()
+        if self._lock is not None:
+            self._lock.release()
         shutdown(self.info)
 
     def _say(self, message: str) -> None:
@@ -433,8 +606,9 @@ class _MetricsLog:
     """OUT/metrics.jsonl (one object per logged training step) and OUT/eval.jsonl (one per evaluation).
     On resume, records after the checkpoint's step are dropped: those steps are run again."""
 
-    def __init__(self, out: Path, *, keep_through_step: int | None):
+    def __init__(self, out: Path, *, keep_through_step: int | None, sinks: list):
         out.mkdir(parents=True, exist_ok=True)
+        self._sinks = sinks
         self._files = {}
         for name in ("metrics", "eval"):
             path = out / f"{name}.jsonl"
@@ -455,10 +629,15 @@ class _MetricsLog:
     def _write(self, name: str, record: dict) -> None:
         self._files[name].write(json.dumps(record) + "\n")
         self._files[name].flush()
+        for sink in self._sinks:
+            sink.log("train" if name == "metrics" else "eval", record)
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
+        for sink in self._sinks:
+            sink.close()
+        self._sinks = []
 
 
 def _split_outputs(out) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -474,17 +653,71 @@ def _decode_rate(store, sample_ids) -> float:
     return positions / max(time.thread_time() - start, 1e-6)
 
 
-def _loader(dataset: Dataset, keys: list, workers: int, info) -> DataLoader:
+def _loader(dataset: Dataset, keys: list, workers: int, info, lock) -> DataLoader:
     return DataLoader(
         dataset, batch_size=None, sampler=keys, num_workers=workers, pin_memory=info.device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if workers else None, worker_init_fn=_DropInheritedLock(lock),
+        # its own generator: creating an iterator must not draw from the global RNG, whose stream
+        # (LoRA dropout) a resumed run has to continue exactly
+        generator=torch.Generator().manual_seed(0),
     )
+
+
+class _DropInheritedLock:
+    """A forked DataLoader worker inherits the run-directory lock's descriptor; it closes its copy, so
+    that a killed trainer's lock is free as soon as the trainer is gone, not when its workers notice."""
+
+    def __init__(self, lock):
+        self._fd = getattr(lock, "_fd", None)
+
+    def __call__(self, worker_id: int) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
 
 
 def _progress(info, *, total: int, initial: int):
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not info.is_main, dynamic_ncols=True)
+
+
+def _sharded_options() -> StateDictOptions:
+    return StateDictOptions(full_state_dict=False)
+
+
+_LOCAL = "__local_shard__"
+
+
+def _to_local(tree):
+    """A sharded state dict with every DTensor replaced by this rank's local shard (for saving)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        return {_LOCAL: tree.to_local().cpu()}
+    if isinstance(tree, dict):
+        return {k: _to_local(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_local(v) for v in tree)
+    return tree.cpu() if torch.is_tensor(tree) else tree
+
+
+def _from_local(tree, templates: dict, fqn: str | None = None):
+    """Inverse of `_to_local`: local shards back into DTensors laid out like the parameter they belong
+    to (`templates`: parameter name -> its DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, dict) and set(tree) == {_LOCAL}:
+        like = templates.get(fqn)
+        if like is None:
+            raise TrainError(f"a checkpoint shard holds {fqn!r}, which this model does not have")
+        local = tree[_LOCAL].to(like.device)
+        return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                  stride=like.stride())
+    if isinstance(tree, dict):
+        return {k: _from_local(v, templates, k if k in templates else fqn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_from_local(v, templates, fqn) for v in tree)
+    return tree
 
 
 @contextlib.contextmanager

@@ -13,12 +13,17 @@ def load_student(path: str | Path, *, grad_checkpointing: bool) -> torch.nn.Modu
     """Loads a causal LM in float32 (the master weights; autocast lowers the compute precision).
 
     Raises:
-        TrainError: `path` is not a directory with a config.json.
+        TrainError: `path` is not a directory with a config.json, or its files cannot be loaded.
     """
     from transformers import AutoModelForCausalLM
 
     check_student_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:  # safetensors only: never a pickled pytorch_model.bin
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    except Exception as exc:  # transformers reports damaged files with many exception types
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise TrainError(f"{path}: cannot load the model ({type(exc).__name__}: {reason}); if this is a checkpoint, "
+                         "delete it to resume from the one before it") from None
     model.config.use_cache = False
     if grad_checkpointing:
         kwargs = {"use_reentrant": False}
@@ -98,9 +103,12 @@ class TargetLogits(torch.nn.Module):
         """
         mask = torch.ones_like(input_ids)
         rows = torch.arange(input_ids.numel(), device=input_ids.device)
+        was_training = self.training
+        self.eval()  # no dropout (LoRA's) in the comparison
         with torch.no_grad():
             ours = self(input_ids, mask, rows)
             reference = self.model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)
+        self.train(was_training)
         if not torch.allclose(ours.float(), reference.float(), atol=1e-4, rtol=1e-4):
             raise TrainError(
                 f"{type(self.model).__name__}: decoder + output head does not reproduce the model's logits "

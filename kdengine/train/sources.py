@@ -242,11 +242,21 @@ class _StoreBatches(Dataset):
         self._store = None
 
     def __getitem__(self, key) -> dict:
-        if self._store is None:
-            from kdengine.store import open_store
+        from kdengine.store import StoreError, open_store
 
-            self._store = open_store(self._store_dir)
-        return collate(self._store.samples(self._sample_ids_of(key)), pad_id=self._pad_id)
+        try:
+            if self._store is None:
+                self._store = open_store(self._store_dir)
+            return collate(self._store.samples(self._sample_ids_of(key)), pad_id=self._pad_id)
+        except StoreError as exc:  # passed to the main process as data, not as a worker traceback
+            return StoreFailure(str(exc))
+
+
+class StoreFailure:
+    """A store error met while decoding a batch (in a DataLoader worker or not); the loop raises it."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class _CorpusBatches(Dataset):
