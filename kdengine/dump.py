@@ -5,17 +5,14 @@
 The corpus is validated before the teacher loads. Its kept samples are cut into chunks of
 `shard_samples`; chunk c is one shard, written by rank c mod W (FORMAT.md). Within a chunk, samples
 are sorted by length and batched, the teacher's logits are reduced to top-k log-probs on its device
-at the target positions only, and a worker thread encodes and writes shards while the teacher runs
-the next batch. Re-running the same command skips every chunk already in the store; a run with other
+at the target positions only, and the shared producer (producer.py, also behind `kdengine generate`)
+encodes and writes shards in a worker thread while the teacher runs the next batch. Re-running the same command skips every chunk already in the store; a run with other
 settings is refused before the teacher loads.
 """
 from __future__ import annotations
 
 import math
 import os
-import queue
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -26,8 +23,9 @@ from tqdm import tqdm
 
 from kdengine.checksum import sha256_file
 from kdengine.corpus import Sample, check_corpus, padded_batches, tokenize_corpus
-from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter, codec_names
+from kdengine.producer import plan_chunks, write_chunks
 from kdengine.sampling import teacher_draws
+from kdengine.store import StoreHeader, StoreWriter, codec_names
 from kdengine.store.codec import DEFAULT_CODEC, SAMPLED_CODEC, codec_unavailable, default_params
 from kdengine.store.format import TARGET_MODES
 from kdengine.store.format import disk_bytes
@@ -186,46 +184,36 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
 def _write(cfg, writer, teacher, header, corpus, rank, world_size, context_length) -> DumpSummary:
     sampled = cfg.targets == "sample"
     samples = corpus.samples
-    chunks_total = math.ceil(len(samples) / cfg.shard_samples)
-    mine = [c for c in range(chunks_total) if c % world_size == rank]
-    todo = [c for c in mine if c not in writer.done_chunks]
+    plan = plan_chunks(math.ceil(len(samples) / cfg.shard_samples), rank, world_size, writer.done_chunks)
     summary = DumpSummary(rank=rank, world_size=world_size, truncated=corpus.truncated, skipped=corpus.skipped,
-                          bad_lines=corpus.bad_lines, shards_already_done=len(mine) - len(todo),
+                          bad_lines=corpus.bad_lines, shards_already_done=plan.already_done,
                           context_length=context_length)
-    chunk_samples = {c: samples[c * cfg.shard_samples:(c + 1) * cfg.shard_samples] for c in todo}
-    total_tokens = sum(len(s.input_ids) for c in todo for s in chunk_samples[c])
+    chunk_samples = {c: samples[c * cfg.shard_samples:(c + 1) * cfg.shard_samples] for c in plan.todo}
+    total_tokens = sum(len(s.input_ids) for c in plan.todo for s in chunk_samples[c])
     bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=f"dump rank {rank}" if world_size > 1 else "dump",
                disable=not cfg.progress, smoothing=0.1)
-    encoder = _ShardEncoder(writer, header)
-    start = time.perf_counter()
+
+    def targets(chunk):
+        if sampled:
+            items = teacher_draws(teacher, chunk_samples[chunk], cfg.samples, cfg.batch_size,
+                                  proposal_temperature=cfg.proposal_temperature, seed=cfg.seed)
+        else:
+            items = ((s, (idx, logp))
+                     for s, idx, logp in teacher_topk(teacher, chunk_samples[chunk], cfg.top_k, cfg.batch_size))
+        for sample, target in items:
+            bar.update(len(sample.input_ids))
+            yield sample, target
+
     try:
-        for chunk in todo:
-            encoder.begin(chunk, len(chunk_samples[chunk]))
-            if sampled:
-                targets = teacher_draws(teacher, chunk_samples[chunk], cfg.samples, cfg.batch_size,
-                                        proposal_temperature=cfg.proposal_temperature, seed=cfg.seed)
-            else:
-                targets = ((s, (idx, logp))
-                           for s, idx, logp in teacher_topk(teacher, chunk_samples[chunk], cfg.top_k, cfg.batch_size))
-            for sample, target in targets:
-                encoder.put(sample, target)
-                bar.update(len(sample.input_ids))
-            encoder.end(chunk)
-        written = encoder.close()
-    except BaseException:
-        encoder.abort()
-        raise
+        produced = write_chunks(writer, header, ((c, targets(c)) for c in plan.todo))
     finally:
         bar.close()
-    summary.seconds = time.perf_counter() - start
-    summary.encoder_cpu_seconds = encoder.cpu_seconds
-    for entry in written:
-        summary.samples += entry["samples"]
-        summary.tokens += entry["tokens"]
-        summary.positions += entry["positions"]
-        summary.payload_bytes += entry["payload_bytes"]
-    summary.shards_written = len(written)
-    manifest = writer.finish(chunks_total)
+    summary.seconds = produced.seconds
+    summary.encoder_cpu_seconds = produced.encoder_cpu_seconds
+    for key in ("samples", "tokens", "positions", "payload_bytes"):
+        setattr(summary, key, produced.total(key))
+    summary.shards_written = len(produced.entries)
+    manifest = writer.finish(plan.chunks_total)
     summary.store_complete = bool(manifest["complete"])
     summary.store_bytes = disk_bytes(cfg.out)
     summary.store_positions = manifest["positions"]
@@ -253,85 +241,6 @@ def teacher_topk(teacher, samples: Sequence[Sample], k: int, batch_size: int
             n = len(s.positions)
             yield s, idx[at:at + n], logp[at:at + n]
             at += n
-
-
-class _ShardEncoder:
-    """A worker thread that encodes samples and writes finished shards, so the teacher never waits on
-    compression or disk. An error in the worker is raised in the caller at its next call."""
-
-    def __init__(self, writer: StoreWriter, header: StoreHeader, max_pending: int = 256):
-        self.writer, self.header = writer, header
-        self._queue: queue.Queue = queue.Queue(max_pending)
-        self._error: BaseException | None = None
-        self._stop = threading.Event()
-        self._written: list[dict] = []
-        self.cpu_seconds = 0.0
-        self._thread = threading.Thread(target=self._run, name="kdengine-shard-encoder", daemon=True)
-        self._thread.start()
-
-    def begin(self, chunk: int, n_samples: int) -> None:
-        self._send(("begin", chunk, n_samples))
-
-    def put(self, sample: Sample, targets) -> None:
-        """targets: (idx [P, K], logp [P, K]) for a top-k store, a TeacherDraws for a sampled one."""
-        self._send(("sample", sample, targets))
-
-    def end(self, chunk: int) -> None:
-        self._send(("end", chunk))
-
-    def close(self) -> list[dict]:
-        """Waits for every queued shard to be written; returns their manifest entries."""
-        self._send(None)
-        self._thread.join()
-        self._raise()
-        return self._written
-
-    def abort(self) -> None:
-        """Stops after the item in hand; a shard not yet renamed is simply never published."""
-        self._stop.set()
-        try:
-            self._queue.put_nowait(None)
-        except queue.Full:
-            pass
-
-    def _send(self, item) -> None:
-        while True:
-            self._raise()
-            try:
-                self._queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def _run(self) -> None:
-        builder, expected = None, 0
-        start = time.thread_time()
-        try:
-            while not self._stop.is_set():
-                item = self._queue.get()
-                if item is None:
-                    return
-                if item[0] == "begin":
-                    builder, expected = ShardBuilder(self.header), item[2]
-                elif item[0] == "sample":
-                    _, s, targets = item
-                    if self.header.targets == "sample":
-                        builder.add_draws(s.index, s.id, s.input_ids, s.positions, targets)
-                    else:
-                        builder.add(s.index, s.id, s.input_ids, s.positions, *targets)
-                else:
-                    if len(builder) != expected:
-                        raise StoreError(f"chunk {item[1]}: {len(builder)} samples encoded, expected {expected}")
-                    self._written.append(self.writer.write_shard(item[1], builder))
-                    builder = None
-        except BaseException as exc:  # handed to the teacher's thread
-            self._error = exc
-        finally:
-            self.cpu_seconds = time.thread_time() - start
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
