@@ -230,6 +230,76 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
                                    "incomplete (other ranks still running, or re-run to finish)"))
 
 
+# ---- generate -----------------------------------------------------------------------------------
+@cli.command()
+@click.option("--teacher", required=True, help="Teacher model (as for dump).")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="JSONL prompts, one a line: prompt, question (+ answer with '#### N' for --keep-correct), or "
+                   "messages ending with the user's turn.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Store directory (+ responses.jsonl). Re-running the same command resumes after the last "
+                   "complete shard; other settings are refused.")
+@click.option("--top-k", "top_k", required=True, type=int,
+              help="Teacher entries kept per generated position (K), from its T=1 distribution.")
+@click.option("--backend", type=click.Choice(["hf", "exl2"]), default="hf", show_default=True, help=BACKEND_HELP)
+@click.option("--chat/--no-chat", default=False, show_default=True,
+              help="Format prompt and question lines with the chat template (messages lines always are).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Cap on each response's length.")
+@click.option("--samples-per-prompt", type=int, default=1, show_default=True,
+              help="Responses per prompt (needs --temperature > 0).")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0: greedy. Above 0: sampled, seeded per response from (--seed, prompt id, sample number), "
+                   "so reruns, resumes and any rank split give the same responses.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass when sampling.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled responses.")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Responses decoded together (left-padded, KV cache).")
+@click.option("--keep-correct", type=click.Choice(["gsm8k"]),
+              help="Store only responses whose extracted answer equals the '#### N' reference (rejection "
+                   "sampling); responses.jsonl still lists every response, with its `stored` flag.")
+@click.option("--choices", metavar="A,B,...|FILE",
+              help="Label instead of generating: score each choice as the prompt's continuation; responses.jsonl "
+                   "gets `choices` (choice -> probability) and `label` (the argmax, also stored as the response).")
+@click.option("--stop", multiple=True, metavar="TEXT",
+              help="End a response at this string (repeatable) [default: plain GSM8K prompts stop at 'Question:', "
+                   "as `eval gsm8k` does].")
+@click.option("--shard-prompts", type=int, default=256, show_default=True,
+              help="Prompts per shard; shard c holds the responses to prompts [c*S, (c+1)*S).")
+@click.option("--device", help="Teacher device: cpu, cuda or cuda:N [default: hf: cpu; exl2: all visible GPUs].")
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), help="Teacher compute dtype (as for dump).")
+@gpu_split_option
+@click.option("--codec", type=click.Choice(["sqrt_ac", "sqrt", "raw"]), default="sqrt_ac", show_default=True,
+              help="Store codec (as for dump).")
+@click.option("--rank", type=int, default=None, help="This process's rank (with --world-size), as for dump.")
+@click.option("--world-size", type=int, default=None, help="Number of processes; each takes every W-th shard.")
+def generate(gpu_split, choices, stop, **options):
+    """Have the teacher answer prompts and store its top-k at every generated position in the same
+    pass: an ordinary store (train on it; --alpha 0 is sequence-level KD) plus responses.jsonl.
+
+    \b
+    kdengine generate --teacher T --data gsm8k_train.jsonl --out store --top-k 64 --chat \\
+        --samples-per-prompt 4 --temperature 0.7 --keep-correct gsm8k
+    """
+    from kdengine.generate import GenerateConfig, format_summary, parse_choices
+    from kdengine.generate import generate as run_generate
+
+    cfg = GenerateConfig(**options, stop=list(stop), choices=None if choices is None else parse_choices(choices),
+                         backend_opts=backend_opts(options["backend"], gpu_split))
+    click.echo(format_summary(_run_or_fail(run_generate, cfg), cfg.out))
+
+
+def _run_or_fail(run, cfg):
+    from kdengine.corpus import CorpusError
+    from kdengine.dump import DumpError
+    from kdengine.store import StoreError
+    from kdengine.teachers import TeacherError
+
+    try:
+        return run(cfg)
+    except (CorpusError, DumpError, StoreError, TeacherError) as e:
+        raise click.ClickException(str(e)) from None
+
+
 # ---- inspect ------------------------------------------------------------------------------------
 @cli.command()
 @click.argument("directory", type=click.Path(file_okay=False))

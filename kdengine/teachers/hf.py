@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, StoppingCriteria,
+                          StoppingCriteriaList)
 
 from kdengine.teachers.base import Generation, Prompt, TeacherError, check_batch
 from kdengine.teachers.encoding import encode_text, special_prefix
@@ -163,6 +164,47 @@ class HFTeacher:
             results.append(Generation(text=text[:cut], new_tokens=n_new))
         return results
 
+
+    def begin_decode(self, prompts: Sequence[Sequence[int]]) -> "HFDecoding":
+        """Prefills a batch of prompts (token ids) into a KV cache for step-by-step decoding; see
+        kdengine.decode. Left-padded, with the positions transformers' `generate` gives each row."""
+        return HFDecoding(self, prompts)
+
+
+class HFDecoding:
+    """One batch being decoded with the KV cache: `logits` [B, V] predicts each row's first new
+    token, and `step(tokens [B])` appends one token per row and returns the logits after it."""
+
+    def __init__(self, teacher: HFTeacher, prompts: Sequence[Sequence[int]]):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        self._teacher = teacher
+        self.eos_ids = teacher._eos_ids
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), teacher.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[row, width - len(p):] = 1
+        check_batch(ids, mask.sum(1), teacher._model_vocab)
+        self._mask = mask.to(teacher.device)
+        positions = (self._mask.cumsum(-1) - 1).clamp_(min=0)
+        self._next = positions[:, -1:] + 1
+        self._cache = DynamicCache(config=teacher.model.config)
+        self.logits = self._forward(ids.to(teacher.device), positions)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+        logits = self._forward(tokens.to(self._teacher.device, torch.long)[:, None], self._next)
+        self._next = self._next + 1
+        return logits
+
+    @torch.inference_mode()
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        out = self._teacher.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
+                                  cache=self._cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :self._teacher.vocab_size]
 
 
 class _StopWatch(StoppingCriteria):
