@@ -1,8 +1,9 @@
 """Token-by-token decoding above the teacher backends: the choice of each next token (greedy, or
 seeded sampling with temperature and top-p) and the capture of the teacher's targets at every step.
 
-A backend only runs the model (`teacher.begin_decode(prompts)`: a batch of prompts prefilled into its
-KV cache, then one `step(tokens)` per generated token, each returning next-token logits [B, V]);
+A backend only runs the model (`teacher.begin_decode(prompts, max_new_tokens)`: a batch of prompts
+prefilled into its KV cache, then one `step(tokens)` per generated token, each returning next-token
+logits [B, V]);
 everything that decides what gets written lives here, once, for every backend:
 
 - `pick_tokens`: the next token of each row. Temperature 0 is argmax (what transformers'
@@ -113,7 +114,7 @@ def decode_batch(teacher, prompts: Sequence[Sequence[int]], generators: Sequence
     """Decodes one batch of prompts (token ids) through `teacher.begin_decode`.
 
     Args:
-        teacher: a backend with `begin_decode(prompts)` and `tokenizer` (base.Teacher).
+        teacher: a backend with `begin_decode` and `tokenizer` (base.Teacher).
         prompts: token ids, one list per row.
         generators: one per row (`response_generator`); None entries when greedy.
         sampling: how tokens are picked.
@@ -129,7 +130,7 @@ def decode_batch(teacher, prompts: Sequence[Sequence[int]], generators: Sequence
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     n = len(prompts)
-    decoding = teacher.begin_decode([list(map(int, p)) for p in prompts])
+    decoding = teacher.begin_decode([list(map(int, p)) for p in prompts], max_new_tokens)
     eos = set(decoding.eos_ids)
     tokenizer = teacher.tokenizer
     tokens: list[list[int]] = [[] for _ in range(n)]

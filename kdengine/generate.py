@@ -148,8 +148,8 @@ def generate(cfg: GenerateConfig, *, teacher=None) -> GenerateSummary:
     config = _config(cfg, _sha256(cfg.data), world_size)
     check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "config": config})
     if teacher is None:
-        teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
-                               **cfg.backend_opts)
+        opts = {"max_batch_size": cfg.batch_size, **cfg.backend_opts} if cfg.backend == "exl2" else cfg.backend_opts
+        teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, **opts)
     if cfg.top_k > teacher.vocab_size:
         raise GenerateError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); "
                             f"use --top-k {teacher.vocab_size} or less")

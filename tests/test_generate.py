@@ -294,3 +294,44 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tiny_model_dir, 
     assert result.exit_code == 0, result.output
     _same_store(out, tmp_path / "whole")
     assert verify_store(out).ok and len(read_responses(out)) == 32
+
+
+# --- the exl2 backend's decoding: its CPU side and its refusal here -----------------------------
+
+def test_exl2_left_padded_batch_matches_exllamav2s_encoding_conventions():
+    from kdengine.teachers.exl2 import left_padded_batch
+
+    ids, offsets, mask = left_padded_batch([[5, 6, 7], [9], [0, 0]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9], [0, 0, 0]]
+    assert offsets.dtype == torch.int32 and offsets.tolist() == [0, -2, -1]  # tokenizer.encode(return_offsets=True)
+    assert mask.dtype == torch.float16 and torch.isinf(mask).tolist() == [[False] * 3, [True, True, False],
+                                                                          [True, False, False]]
+    assert (mask[~torch.isinf(mask)] == 0).all()  # a real token equal to the pad id (row 3) is not masked
+    with pytest.raises(ValueError, match="at least one token"):
+        left_padded_batch([[1], []], pad_id=0)
+
+
+def test_exl2_left_padding_is_what_the_hf_path_computes(teacher):
+    """The exl2 decoding's inputs (ids, -inf mask, offsets = minus the padding) carry what the HF
+    decoding uses for the same batch: the same ids, the same attention mask, the same positions."""
+    from kdengine.teachers.exl2 import left_padded_batch
+    from kdengine.teachers.hf import HFDecoding
+
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    ids, offsets, mask = left_padded_batch(prompts, teacher.tokenizer.pad_token_id)
+    decoding = HFDecoding(teacher, prompts)
+    assert torch.equal(decoding._mask.bool(), ~torch.isinf(mask))
+    positions = torch.arange(ids.shape[1])[None] + offsets[:, None].long()
+    assert torch.equal(decoding._next[:, 0], positions[:, -1] + 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without a GPU")
+def test_generate_with_exl2_backend_fails_with_one_line_and_writes_nothing(tiny_model_dir, tmp_path):
+    from kdengine.teachers.exl2 import UNAVAILABLE
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": "the farmer has 12 apples"}) + "\n")
+    result = _cli("--teacher", tiny_model_dir, "--backend", "exl2", "--data", data, "--out", tmp_path / "s",
+                  "--top-k", K)
+    assert result.exit_code == 1 and UNAVAILABLE in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()

@@ -3,7 +3,7 @@
 A backend (hf.py, exl2.py) owns a model and its tokenizer. The dump asks it for full-vocab logits
 of a right-padded batch and reduces them to top-k log-probabilities on the teacher's device with
 `topk_logprobs`, so only K ids and K log-probs per position ever cross to the CPU. The evaluator asks
-it to generate greedily.
+it to generate greedily, and `kdengine generate` asks it for logits one step at a time (`begin_decode`).
 """
 from __future__ import annotations
 
@@ -66,6 +66,23 @@ class Teacher(Protocol):
         Returns:
             One Generation per prompt, in order.
         """
+        ...
+
+    def begin_decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> "Decoding":
+        """Prefills a batch of prompts (token ids) for step-by-step decoding by kdengine.decode, which
+        picks every token and captures the targets; the backend only runs the model."""
+        ...
+
+
+class Decoding(Protocol):
+    """One batch being decoded (Teacher.begin_decode)."""
+
+    eos_ids: Sequence[int]  # ids that end a response
+    logits: torch.Tensor  # float [B, V] on the teacher's device: the next-token logits after each prompt
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Appends one token per row (int64 [B]; finished rows get any valid id) and returns the
+        next-token logits [B, V]."""
         ...
 
 

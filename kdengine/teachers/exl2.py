@@ -70,6 +70,29 @@ def plan_row_groups(lengths: Sequence[int], max_rows: int) -> list[tuple[int, in
     return groups
 
 
+def left_padded_batch(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of prompts as exllamav2's batched generation takes it (`ExLlamaV2Tokenizer.encode(...,
+    return_offsets=True)` and `padding_mask`): ids left-padded to the longest, int32 position offsets
+    (minus each row's padding), and an fp16 additive mask, -inf on the padding. The mask is built from
+    the padding itself, not from `ids == pad_id`, so a real token equal to the pad id is not masked.
+
+    Returns:
+        (ids int64 [B, W], offsets int32 [B], mask fp16 [B, W]).
+    Raises:
+        ValueError: no prompts, or an empty one.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.float16)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, :width - len(p)] = float("-inf")
+    offsets = torch.tensor([len(p) - width for p in prompts], dtype=torch.int32)
+    return ids, offsets, mask
+
+
 def parse_gpu_split(text: str) -> list[float]:
     """`--gpu-split` ("20,24": GB of weights per visible GPU, in order) as a list for Exl2Teacher.
 
@@ -446,6 +469,27 @@ class Exl2Teacher:
                 raise RuntimeError(f"prompt {i}: exllamav2 reported {n} new tokens but streamed {len(ids)}")
         return [self._to_generation(ids, stop) for ids in tokens]
 
+    def begin_decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> "Exl2Decoding":
+        """Prefills a batch of prompts (token ids) for step-by-step decoding (see kdengine.decode), the way
+        exllamav2's batched base generator does: left padding with position offsets and a padding
+        mask, one batched cache, one forward per step; the logits of every step come back here and
+        kdengine.decode picks the tokens (exllamav2's sampler is not used).
+
+        Raises:
+            TeacherError: more rows than max_batch_size, or prompt + max_new_tokens over max_seq_len.
+        """
+        return Exl2Decoding(self, prompts, max_new_tokens)
+
+    def _decode_cache(self, rows: int, tokens: int):
+        """A batched KV cache for decoding (kept for the next batch of the same size or smaller)."""
+        length = -(-tokens // _CACHE_PAGE) * _CACHE_PAGE
+        cache = getattr(self, "_batch_cache", None)
+        if cache is None or cache.batch_size < rows or cache.max_seq_len < length:
+            self._batch_cache = None  # free the old one first
+            self._batch_cache = self._exl2.ExLlamaV2Cache(self._model, batch_size=rows, max_seq_len=length)
+        self._batch_cache.current_seq_len = 0
+        return self._batch_cache
+
     def _get_generator(self):
         if self._generator is None:
             from exllamav2.attn import has_flash_attn_with_paged
@@ -486,3 +530,36 @@ def _result_token_ids(result: dict) -> list[int]:
     if result["eos"] and "token_ids" in result.get("held", {}):
         ids += result["held"]["token_ids"][0].tolist()
     return ids
+
+
+class Exl2Decoding:
+    """One batch being decoded on an Exl2Teacher: `logits` [B, V] predicts each row's first new token;
+    `step(tokens [B])` appends one token per row and returns the next logits (fp16, sliced to V)."""
+
+    def __init__(self, teacher: Exl2Teacher, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+        config = teacher._config
+        if len(prompts) > config.max_batch_size:
+            raise TeacherError(f"{len(prompts)} rows per decoding batch, but the exl2 teacher was loaded with "
+                               f"max_batch_size {config.max_batch_size}; lower --batch-size or raise max_batch_size")
+        ids, self._offsets, self._mask = left_padded_batch(prompts, teacher.tokenizer.pad_token_id)
+        if ids.shape[1] + max_new_tokens > config.max_seq_len:
+            raise TeacherError(f"a prompt of {ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} exceeds the "
+                               f"exl2 teacher's max_seq_len {config.max_seq_len}; raise max_seq_len (up to the "
+                               "model's limit) or lower --max-new-tokens")
+        check_batch(ids, torch.full((ids.shape[0],), ids.shape[1]), config.vocab_size)
+        self._teacher = teacher
+        self.eos_ids = teacher._stop_ids
+        self._cache = teacher._decode_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+        with torch.inference_mode():
+            for start, end in plan_chunks(ids.shape[1] - 1, config.max_input_len):
+                teacher._model.forward(ids[:, start:end].contiguous(), self._cache, input_mask=self._mask,
+                                       preprocess_only=True, position_offsets=self._offsets)
+            self.logits = self._forward(ids[:, -1:])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self._forward(tokens.to("cpu", torch.long)[:, None])
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self._teacher._model.forward(ids, self._cache, input_mask=self._mask, position_offsets=self._offsets)
+        return slice_vocab(out[:, -1], self._teacher.vocab_size).to(self._teacher.device)

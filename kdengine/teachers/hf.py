@@ -165,9 +165,10 @@ class HFTeacher:
         return results
 
 
-    def begin_decode(self, prompts: Sequence[Sequence[int]]) -> "HFDecoding":
+    def begin_decode(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> "HFDecoding":
         """Prefills a batch of prompts (token ids) into a KV cache for step-by-step decoding; see
-        kdengine.decode. Left-padded, with the positions transformers' `generate` gives each row."""
+        kdengine.decode. Left-padded, with the positions transformers' `generate` gives each row (the
+        dynamic cache grows as needed, so max_new_tokens is not used)."""
         return HFDecoding(self, prompts)
 
 
