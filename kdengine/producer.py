@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from kdengine.corpus import Sample
 from kdengine.store import ShardBuilder, StoreError, StoreHeader, StoreWriter
