@@ -39,8 +39,10 @@ from tqdm import tqdm
 
 from kdengine.corpus import ROLES, Sample
 from kdengine.decode import Sampling, TopKCapture, decode_batch, response_generator
-from kdengine.dump import DumpError, resolve_rank, _sha256
+from kdengine.checksum import sha256_file
+from kdengine.dump import DumpError, resolve_rank
 from kdengine.durable import write_atomic
+from kdengine.jsonl import read_jsonl
 from kdengine.producer import plan_chunks, write_chunks
 from kdengine.store import StoreHeader, StoreWriter, codec_names
 from kdengine.store.codec import DEFAULT_CODEC, codec_unavailable, default_params
@@ -145,7 +147,7 @@ def generate(cfg: GenerateConfig, *, teacher=None) -> GenerateSummary:
     rank, world_size = resolve_rank(cfg.rank, cfg.world_size)
     _check_settings(cfg)
     lines = read_prompts(cfg.data, needs_reference=cfg.keep_correct == "gsm8k")
-    config = _config(cfg, _sha256(cfg.data), world_size)
+    config = _config(cfg, sha256_file(cfg.data), world_size)
     check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "config": config})
     if teacher is None:
         opts = {"max_batch_size": cfg.batch_size, **cfg.backend_opts} if cfg.backend == "exl2" else cfg.backend_opts
@@ -311,29 +313,24 @@ def read_prompts(path: str | Path, *, needs_reference: bool = False) -> list[Pro
     if not path.is_file():
         raise GenerateError(f"{path}: no such file; --data takes a JSONL file of prompts")
     lines, seen = [], {}
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = _parse_prompt_line(raw, lineno, needs_reference)
-            except ValueError as e:
-                raise GenerateError(f"{path}:{lineno}: {e}") from None
-            if line.id in seen:
-                raise GenerateError(f'{path}:{lineno}: duplicate id "{line.id}" (first used on line {seen[line.id]}); '
-                                    "give every line its own id")
-            seen[line.id] = lineno
-            lines.append(line)
+    for lineno, value in read_jsonl(path):
+        try:
+            if isinstance(value, Exception):
+                raise value
+            line = _parse_prompt_line(value, lineno, needs_reference)
+        except ValueError as e:
+            raise GenerateError(f"{path}:{lineno}: {e}") from None
+        if line.id in seen:
+            raise GenerateError(f'{path}:{lineno}: duplicate id "{line.id}" (first used on line {seen[line.id]}); '
+                                "give every line its own id")
+        seen[line.id] = lineno
+        lines.append(line)
     if not lines:
         raise GenerateError(f"{path}: no prompts: expected one JSON object per line")
     return lines
 
 
-def _parse_prompt_line(raw: bytes, lineno: int, needs_reference: bool) -> PromptLine:
-    try:
-        obj = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"not a valid UTF-8 JSON line ({e}); write one JSON object per line") from None
+def _parse_prompt_line(obj, lineno: int, needs_reference: bool) -> PromptLine:
     if not isinstance(obj, dict):
         raise ValueError("expected a JSON object with \"prompt\", \"question\" or \"messages\"")
     kinds = [k for k in ("prompt", "question", "messages") if k in obj]
