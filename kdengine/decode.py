@@ -29,8 +29,6 @@ import torch
 
 from kdengine.teachers.base import topk_logprobs
 
-FINISH = ("eos", "length", "stop")
-
 
 @dataclass(frozen=True)
 class Sampling:

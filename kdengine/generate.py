@@ -276,12 +276,12 @@ class _Run:
             for row, (_, _, s) in enumerate(seqs):
                 ids[row, :len(s)] = torch.tensor(s)
             lengths = torch.tensor([len(s) for _, _, s in seqs])
+            started = time.perf_counter()
             with torch.inference_mode():
                 logits = self.teacher.logits(ids, lengths)
                 logp = logits.float().log_softmax(-1)
                 targets = ids[:, 1:].to(logp.device)
                 token_logp = logp[:, :-1].gather(-1, targets[..., None])[..., 0].cpu()
-                started = time.perf_counter()
                 for i, p in enumerate(batch):
                     rows = range(i * len(conts), (i + 1) * len(conts))
                     start = len(self.prompt_ids[p]) - 1
