@@ -148,7 +148,8 @@ def generate(cfg: GenerateConfig, *, teacher=None) -> GenerateSummary:
     _check_settings(cfg)
     lines = read_prompts(cfg.data, needs_reference=cfg.keep_correct == "gsm8k")
     config = _config(cfg, sha256_file(cfg.data), world_size)
-    check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "config": config})
+    check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "codec_params": default_params(cfg.codec),
+                                  "config": config})
     if teacher is None:
         opts = {"max_batch_size": cfg.batch_size, **cfg.backend_opts} if cfg.backend == "exl2" else cfg.backend_opts
         teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, **opts)
@@ -258,7 +259,7 @@ class _Run:
         ids = np.asarray(list(prompt) + list(tokens), dtype=np.int32)
         positions = np.arange(len(prompt) - 1, len(ids) - 1, dtype=np.int32)
         return record, (Sample(index=index, id=record["id"], line=line.line, input_ids=ids, positions=positions),
-                        idx, logp)
+                        (idx, logp))
 
     def _choices(self, prompts: range):
         """Scores every choice as the prompt's continuation (summed log-prob of its tokens, as lm-eval
