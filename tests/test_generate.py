@@ -107,6 +107,19 @@ def test_batched_left_padded_decoding_equals_generate_on_the_same_batch(teacher)
         assert d.tokens == out[row, width:width + len(d.tokens)].tolist()
 
 
+def test_a_stop_string_ends_the_response_before_it(teacher):
+    tok = teacher.tokenizer
+    prompt = tok("the farmer has 12 apples")["input_ids"]
+    (full,) = decode_batch(teacher, [prompt], [None], sampling=Sampling(), max_new_tokens=16)
+    text = tok.decode(full.tokens, skip_special_tokens=True)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    (cut,) = decode_batch(teacher, [prompt], [None], sampling=Sampling(), max_new_tokens=16, stop=[stop],
+                          capture=TopKCapture(K))
+    assert cut.finish == "stop" and cut.text == text[:text.find(stop)]
+    assert cut.tokens == full.tokens[:len(cut.tokens)] and stop not in tok.decode(cut.tokens)
+    assert cut.idx.shape == (len(cut.tokens), K)
+
+
 def test_stored_topk_equals_a_teacher_forced_recompute(greedy, teacher):
     cfg, _ = greedy
     store = open_store(cfg.out)
