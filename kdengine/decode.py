@@ -97,10 +97,12 @@ class TopKCapture:
 @dataclass
 class Decoded:
     """One response: its token ids (EOS included when it ended on one), why it ended, and the
-    captured targets of each of its positions (row i predicts tokens[i]); None without a capture."""
+    captured targets of each of its positions (row i predicts tokens[i]); None without a capture.
+    `generated` counts every token the teacher produced, the ones cut with a stop string included."""
 
     tokens: list[int]
     finish: str
+    generated: int
     idx: np.ndarray | None = None
     logp: np.ndarray | None = None
     text: str = ""
@@ -160,7 +162,7 @@ def decode_batch(teacher, prompts: Sequence[Sequence[int]], generators: Sequence
     out = []
     for row in range(n):
         text, kept = _response_text(tokenizer, tokens[row], finish[row] or "length", stop, eos)
-        d = Decoded(tokens=tokens[row][:kept], finish=finish[row] or "length", text=text)
+        d = Decoded(tokens=tokens[row][:kept], finish=finish[row] or "length", generated=len(tokens[row]), text=text)
         if capture is not None:
             rows = captured[row][:kept]
             d.idx = np.stack([r[0] for r in rows]) if rows else None

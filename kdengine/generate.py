@@ -44,9 +44,10 @@ from kdengine.dump import DumpError, resolve_rank
 from kdengine.durable import write_atomic
 from kdengine.jsonl import read_jsonl
 from kdengine.producer import plan_chunks, write_chunks
+from kdengine.progress import TokenBar
 from kdengine.store import StoreHeader, StoreWriter, codec_names
 from kdengine.store.codec import DEFAULT_CODEC, codec_unavailable, default_params
-from kdengine.store.writer import check_dump_settings
+from kdengine.store.writer import check_dump_settings, claim_rank
 from kdengine.teachers import encode_chat, encode_text, load_teacher, topk_logprobs
 
 RESPONSES = "responses.jsonl"
@@ -150,24 +151,37 @@ def generate(cfg: GenerateConfig, *, teacher=None) -> GenerateSummary:
     config = _config(cfg, sha256_file(cfg.data), world_size)
     check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "codec_params": default_params(cfg.codec),
                                   "config": config})
-    if teacher is None:
-        opts = {"max_batch_size": cfg.batch_size, **cfg.backend_opts} if cfg.backend == "exl2" else cfg.backend_opts
-        teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, **opts)
-    if cfg.top_k > teacher.vocab_size:
-        raise GenerateError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); "
-                            f"use --top-k {teacher.vocab_size} or less")
-    prompt_ids = [_encode_prompt(line, teacher.tokenizer, cfg.chat, cfg.data) for line in lines]
-    header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
-                         vocab_size=teacher.vocab_size, k=cfg.top_k, codec=cfg.codec,
-                         codec_params=default_params(cfg.codec), config=config)
-    writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size)
+    lock = claim_rank(cfg.out, rank) if Path(cfg.out).is_dir() else None  # refuse a second writer before any work
+    try:
+        if teacher is None:
+            opts = {"max_batch_size": cfg.batch_size, **cfg.backend_opts} if cfg.backend == "exl2" else cfg.backend_opts
+            teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, **opts)
+        if cfg.top_k > teacher.vocab_size:
+            raise GenerateError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); "
+                                f"use --top-k {teacher.vocab_size} or less")
+        prompt_ids = [_encode_prompt(line, teacher.tokenizer, cfg.chat, cfg.data) for line in lines]
+        header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
+                             vocab_size=teacher.vocab_size, k=cfg.top_k, codec=cfg.codec,
+                             codec_params=default_params(cfg.codec), config=config)
+        writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size, lock=lock)
+        try:
+            return _write(cfg, writer, header, teacher, lines, prompt_ids, rank, world_size)
+        finally:
+            writer.close()
+    finally:
+        if lock is not None:  # idempotent; covers a failure before the writer took the lock over
+            lock.release()
+
+
+def _write(cfg, writer, header, teacher, lines, prompt_ids, rank, world_size) -> GenerateSummary:
     plan = plan_chunks(math.ceil(len(lines) / cfg.shard_prompts), rank, world_size, writer.done_chunks)
     summary = GenerateSummary(rank=rank, world_size=world_size, shards_already_done=plan.already_done)
     todo_prompts = sum(len(_chunk_range(c, cfg.shard_prompts, len(lines))) for c in plan.todo)
-    unit = "prompt" if cfg.choices else "tok"
-    bar = tqdm(total=None if not cfg.choices else todo_prompts, unit=unit, unit_scale=not cfg.choices,
-               desc=f"generate rank {rank}" if world_size > 1 else "generate", disable=not cfg.progress,
-               smoothing=0.1)
+    desc = f"generate rank {rank}" if world_size > 1 else "generate"
+    if cfg.choices:
+        bar = tqdm(total=todo_prompts, unit="prompt", desc=desc, disable=not cfg.progress)
+    else:
+        bar = TokenBar(todo_prompts * cfg.samples_per_prompt, cfg.max_new_tokens, desc=desc, disable=not cfg.progress)
     run = _Run(cfg, teacher, lines, prompt_ids, summary, bar)
     start = time.perf_counter()
     try:
@@ -225,11 +239,14 @@ class _Run:
             started = time.perf_counter()
             decoded = decode_batch(self.teacher, [self.prompt_ids[p] for p, _ in batch], generators,
                                    sampling=self.sampling, max_new_tokens=cfg.max_new_tokens, capture=self.capture,
-                                   stop=stop, on_step=self.bar.update)
+                                   stop=stop, on_step=self.bar.step)
             self.summary.decode_seconds += time.perf_counter() - started
+            self.bar.batch_done(len(batch), sum(d.generated for d in decoded))
             for (p, j), d in zip(batch, decoded):
-                self.summary.new_tokens += len(d.tokens)
-                yield self._record(p, j, d.text, d.tokens, d.finish, d.idx, d.logp)
+                self.summary.new_tokens += d.generated
+                record, stored = self._record(p, j, d.text, d.tokens, d.finish, d.idx, d.logp)
+                record["new_tokens"] = d.generated
+                yield record, stored
 
     def _default_stop(self) -> list[str]:
         from kdengine.evals.generation import STOP  # plain GSM8K prompts stop where `eval gsm8k` stops

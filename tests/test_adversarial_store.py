@@ -157,7 +157,7 @@ def test_chunks_that_are_not_full_break_contiguity(copy):
 WRONG_TYPES = [
     (_set("shards", 0, "samples", "32") if False else (lambda m: m["shards"][0].update(samples="32")),
      r'samples is "32", expected an integer'),
-    (lambda m: m["shards"][0].update(samples=-5), r"samples is -5, expected at least 1"),
+    (lambda m: m["shards"][0].update(samples=-5), r"samples is -5, expected at least 0"),
     (lambda m: m["shards"][0].update(tokens=True), r"tokens is true, expected an integer"),
     (lambda m: m["shards"][0].update(bytes=3.5), r"bytes is 3.5, expected an integer"),
     (lambda m: m["shards"][0].update(sha256=7), r"sha256 is 7, expected 64 lowercase hex"),
