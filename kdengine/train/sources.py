@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdengine.store.format import TEMPERED_LSE, tempered_lse_column
 from kdengine.train.data import collate
 from kdengine.train.errors import TrainError
 from kdengine.train.guard import check_student_matches_store
@@ -29,11 +30,15 @@ from kdengine.train.model import TargetLogits, decoder_layers
 
 
 class SparseTargets:
-    """The teacher's top-k ids int32 [N, K] and log-probs float32 [N, K], on the student's device."""
+    """The teacher's top-k ids int32 [N, K] and log-probs float32 [N, K], on the student's device; with
+    the tail at T != 1 also c_T float32 [N] for the exact tempered tail (None: the one-token approximation,
+    which the sources allow only behind --approx-tempered-tail)."""
 
     def __init__(self, topk_idx: torch.Tensor, topk_logp: torch.Tensor, *, tail: bool, loss_fn,
-                 divergence: str = "fkl", beta: float = 0.5, hidden: list[torch.Tensor] | None = None):
+                 divergence: str = "fkl", beta: float = 0.5, hidden: list[torch.Tensor] | None = None,
+                 tempered_lse: torch.Tensor | None = None):
         self.topk_idx, self.topk_logp = topk_idx, topk_logp
+        self.tempered_lse = tempered_lse
         self.hidden = hidden
         self._tail, self._loss_fn = tail, loss_fn
         self._divergence, self._beta = divergence, beta
@@ -42,7 +47,7 @@ class SparseTargets:
         """(loss summed over rows, [KD sum, CE sum] from the same kernel pass, or None)."""
         result = self._loss_fn(logits, self.topk_idx, self.topk_logp, labels, tail=self._tail, alpha=alpha,
                                temperature=temperature, divergence=self._divergence, beta=self._beta,
-                               reduction="sum", return_parts=with_parts)
+                               tempered_lse=self.tempered_lse, reduction="sum", return_parts=with_parts)
         if not with_parts:
             return result, None
         return result.loss, torch.stack([result.kd.detach(), result.ce.detach()])
@@ -87,7 +92,7 @@ class StoreSource:
     (RS-KD, `sampled_targets.SampledTargets`)."""
 
     def __init__(self, path: str, *, tail: bool, temperature: float, loss_impl: str, divergence: str = "fkl",
-                 beta: float = 0.5):
+                 beta: float = 0.5, approx_tempered_tail: bool = False):
         self.path = path
         self.store = _open_store(path)
         self.num_samples = len(self.store)
@@ -106,6 +111,16 @@ class StoreSource:
         self._loss_impl = loss_impl
         self._loss_fn = sparse_kl_function(loss_impl)
         self._divergence, self._beta = divergence, beta
+        self._lse_column = None
+        if self._sampled_tau is None and tail and temperature != 1:
+            self._lse_column = tempered_lse_column(self.store.sections, temperature)
+            if self._lse_column is None and not approx_tempered_tail:
+                held = self.store.sections.get(TEMPERED_LSE, {}).get("params", {}).get("temperatures", [])
+                raise TrainError(
+                    f"store {path} holds no c_T for --temperature {temperature:g} (it holds "
+                    f"{', '.join(f'{t:g}' for t in held) or 'none'}), so the tempered tail is unknown: re-dump with "
+                    f"`kdengine dump ... --temperatures {temperature:g}`, train at a temperature the store holds, or "
+                    "pass --approx-tempered-tail to treat the tail mass as one token (understates the tempered tail)")
 
     def check_student(self, student_dir: str, tokenizer, vocab: int) -> None:
         from kdengine.teachers import tokenizer_fingerprint
@@ -129,8 +144,9 @@ class StoreSource:
 
             return SampledTargets(batch, proposal_temperature=self._sampled_tau,
                                   loss_fn=sampled_kl_reference if self._loss_impl == "reference" else sampled_kl)
+        lse = None if self._lse_column is None else batch[TEMPERED_LSE][:, self._lse_column].contiguous()
         return SparseTargets(batch["topk_idx"], batch["topk_logp"], tail=self._tail, loss_fn=self._loss_fn,
-                             divergence=self._divergence, beta=self._beta)
+                             divergence=self._divergence, beta=self._beta, tempered_lse=lse)
 
 
 class OnlineSource:
@@ -139,8 +155,8 @@ class OnlineSource:
     its logits there (dense), or not even that past the top-k selection (--online-top-k K)."""
 
     def __init__(self, *, teacher: str, data: str, device: torch.device, dtype: str | None, chat: bool,
-                 max_length: int | None, top_k: int, tail: bool, loss_impl: str = "kernel", divergence: str = "fkl",
-                 beta: float = 0.5, progress: bool):
+                 max_length: int | None, top_k: int, tail: bool, temperature: float = 1.0, loss_impl: str = "kernel",
+                 divergence: str = "fkl", beta: float = 0.5, progress: bool):
         from kdengine.corpus import CorpusError, check_corpus, tokenize_corpus
         from kdengine.teachers import TeacherError, load_teacher
 
@@ -168,6 +184,8 @@ class OnlineSource:
         self.hidden_size = self.teacher.model.config.hidden_size
         self._teacher_path = teacher
         self._top_k, self._tail, self._loss_fn = top_k, tail, sparse_kl_function(loss_impl)
+        # the tail at T != 1 needs c_T, which the full logits give exactly
+        self._temperatures = (temperature,) if tail and temperature != 1 else ()
         self._divergence, self._beta = divergence, beta
         self._head = TargetLogits(self.teacher.model)
         self._head.check_matches_full_forward(self.probe_ids(0)[None, :16].to(self.device))
@@ -225,9 +243,10 @@ class OnlineSource:
         dev = batch["rows"].device
         hidden = None if hidden is None else [h.to(dev) for h in hidden]
         if self._top_k:
-            top = topk_logprobs(logits, self._top_k)
+            top = topk_logprobs(logits, self._top_k, temperatures=self._temperatures)
+            lse = None if top.tempered_lse is None else top.tempered_lse[:, 0].to(dev)
             return SparseTargets(top.idx.to(dev), top.logp.to(dev), tail=self._tail, loss_fn=self._loss_fn,
-                                 divergence=self._divergence, beta=self._beta, hidden=hidden)
+                                 divergence=self._divergence, beta=self._beta, hidden=hidden, tempered_lse=lse)
         return DenseTargets(logits.to(dev), divergence=self._divergence, beta=self._beta, hidden=hidden)
 
 
