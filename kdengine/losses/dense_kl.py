@@ -25,8 +25,9 @@ from typing import NamedTuple
 
 import torch
 
-DIVERGENCES = ("fkl", "rkl", "jsd")
-REDUCTIONS = ("mean", "sum", "none")
+from .checks import REDUCTIONS, describe
+from .reference import DIVERGENCES
+
 _CHUNK_ELEMENTS = 1 << 22  # float32 entries per temporary: 16 MiB (85 rows of a 49152 vocabulary)
 
 
@@ -195,10 +196,6 @@ def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta:
     return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} on {t.device}"
-
-
 def _check(logits, teacher_logits, labels, divergence, beta, alpha, temperature) -> None:
     floats = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -206,17 +203,17 @@ def _check(logits, teacher_logits, labels, divergence, beta, alpha, temperature)
         raise DenseKLError(f"dense_kl: {message}")
 
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype not in floats:
-        fail(f"logits must be a float [N, V] tensor, got {_describe(logits) if torch.is_tensor(logits) else logits!r}")
+        fail(f"logits must be a float [N, V] tensor, got {describe(logits) if torch.is_tensor(logits) else logits!r}")
     n, vocab = logits.shape
     if (not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dim() != 2 or teacher_logits.dtype not in floats
             or teacher_logits.shape[0] != n or not 1 <= teacher_logits.shape[1] <= vocab):
-        got = _describe(teacher_logits) if torch.is_tensor(teacher_logits) else repr(teacher_logits)
+        got = describe(teacher_logits) if torch.is_tensor(teacher_logits) else repr(teacher_logits)
         fail(f"teacher_logits must be a float [N, V_t] tensor with N = {n} and 1 <= V_t <= V = {vocab}, got {got}")
     if teacher_logits.device != logits.device:
         fail(f"teacher_logits must be on the logits' device {logits.device}, got {teacher_logits.device}")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != (n,)
                                or labels.dtype not in (torch.int32, torch.int64) or labels.device != logits.device):
-        got = _describe(labels) if torch.is_tensor(labels) else type(labels).__name__
+        got = describe(labels)
         fail(f"labels must be int64 [N] with N = {n} on {logits.device} (or None), got {got}")
     if divergence not in DIVERGENCES:
         fail(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import sparse_kl as _sk
+from .checks import LOGITS_DTYPES, describe
 from .reference import DIVERGENCES, SparseKLOutput
 
 DEFAULT_CHUNK_ROWS = 1024
@@ -96,14 +97,14 @@ def _check_linear(hidden, weight, bias, softcap, chunk_rows):
     for name, t in (("hidden", hidden), ("weight", weight)):
         if not isinstance(t, Tensor):
             _sk._fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if hidden.dim() != 2 or hidden.dtype not in _sk._LOGITS_DTYPES:
-        _sk._fail(f"hidden must be float32/bfloat16/float16 [N, H], got {_sk._describe(hidden)}")
+    if hidden.dim() != 2 or hidden.dtype not in LOGITS_DTYPES:
+        _sk._fail(f"hidden must be float32/bfloat16/float16 [N, H], got {describe(hidden)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1] or weight.dtype != hidden.dtype:
         _sk._fail(f"weight must be [V, H] with H = {hidden.shape[1]} in hidden's dtype {hidden.dtype}, "
-                  f"got {_sk._describe(weight)}")
+                  f"got {describe(weight)}")
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight.shape[0],)
                              or bias.dtype != hidden.dtype):
-        got = _sk._describe(bias) if isinstance(bias, Tensor) else type(bias).__name__
+        got = describe(bias) if isinstance(bias, Tensor) else type(bias).__name__
         _sk._fail(f"bias must be [V] = [{weight.shape[0]}] in hidden's dtype (or None), got {got}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != hidden.device:

@@ -8,18 +8,16 @@ one-time warning. The estimator, its proof of unbiasedness and its gradient: sam
 """
 from __future__ import annotations
 
-import numbers
 import warnings
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .checks import (IDX_DTYPES, RowChecks, bad_rows_by_torch, check_alpha_needs_labels, check_devices,
+                     check_labels, check_logits, check_mix_options, describe)
 from .sampled_reference import sampled_kl_reference
 from .sparse_kl import _load_extension, extension_available
 
-REDUCTIONS = ("mean", "sum", "none")
-_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_IDX_DTYPES = (torch.int32, torch.int64)
 _COUNT_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.float32, torch.float64)
 
 
@@ -88,7 +86,7 @@ def sampled_kl(
     checks = _DataChecks(logits, sample_idx, sample_count, target_logp, proposal_logp, labels, ignore_index)
     ext = _extension_for(logits.device)
     if ext is None:
-        checks.raise_if_invalid(bad_logit_rows=_bad_rows_by_torch(logits, checks.counted))
+        checks.raise_if_invalid(bad_logit_rows=bad_rows_by_torch(logits, checks.counted))
         loss_rows = sampled_kl_reference(
             logits, sample_idx, sample_count, target_logp, proposal_logp, labels,
             alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction="none",
@@ -142,75 +140,46 @@ def _fail(message: str):
     raise SampledKLError(f"sampled_kl: {message}")
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} on {t.device}"
-
-
 def _check_args(logits, sample_idx, sample_count, target_logp, proposal_logp, labels, alpha, temperature,
                 ignore_index, reduction):
     """Shape, dtype, device and option checks: metadata only, no device work."""
-    for name, t in (("logits", logits), ("sample_idx", sample_idx), ("sample_count", sample_count),
-                    ("target_logp", target_logp)):
+    check_logits(_fail, logits, logits.device if isinstance(logits, torch.Tensor) else None)
+    for name, t in (("sample_idx", sample_idx), ("sample_count", sample_count), ("target_logp", target_logp)):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if logits.dim() != 2 or logits.dtype not in _LOGITS_DTYPES:
-        _fail(f"logits must be float32/bfloat16/float16 [N, V], got {_describe(logits)}")
-    if logits.dtype == torch.float64 and logits.device.type != "cpu":
-        _fail(f"float64 logits are supported on CPU only (for gradcheck), got {_describe(logits)}")
     n = logits.shape[0]
-    if sample_idx.dim() != 2 or sample_idx.shape[0] != n or sample_idx.dtype not in _IDX_DTYPES:
-        _fail(f"sample_idx must be int32/int64 [N, K] with N = {n} (the rows of logits), got {_describe(sample_idx)}")
+    if sample_idx.dim() != 2 or sample_idx.shape[0] != n or sample_idx.dtype not in IDX_DTYPES:
+        _fail(f"sample_idx must be int32/int64 [N, K] with N = {n} (the rows of logits), got {describe(sample_idx)}")
     if sample_idx.shape[1] < 1:
         _fail("sample_idx must have at least one column (K >= 1)")
     shape = list(sample_idx.shape)
     if sample_count.shape != sample_idx.shape or sample_count.dtype not in _COUNT_DTYPES:
-        _fail(f"sample_count must be an int or float [N, K] = {shape} like sample_idx, got {_describe(sample_count)}")
+        _fail(f"sample_count must be an int or float [N, K] = {shape} like sample_idx, got {describe(sample_count)}")
     for name, t in (("target_logp", target_logp), ("proposal_logp", proposal_logp)):
         if t is not None and (not isinstance(t, torch.Tensor) or t.shape != sample_idx.shape
                               or t.dtype not in (torch.float32, torch.float64)):
-            got = _describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
-            _fail(f"{name} must be float32 [N, K] = {shape} like sample_idx, got {got}")
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in _IDX_DTYPES or labels.shape != (n,):
-            got = _describe(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            _fail(f"labels must be int64 [N] with N = {n} (or None), got {got}")
-    for name, t in (("sample_idx", sample_idx), ("sample_count", sample_count), ("target_logp", target_logp),
-                    ("proposal_logp", proposal_logp), ("labels", labels)):
-        if t is not None and t.device != logits.device:
-            _fail(f"{name} must be on the logits' device {logits.device}, got {t.device}")
+            _fail(f"{name} must be float32 [N, K] = {shape} like sample_idx, got {describe(t)}")
+    check_labels(_fail, labels, n)
+    check_devices(_fail, logits.device, {"sample_idx": sample_idx, "sample_count": sample_count,
+                                         "target_logp": target_logp, "proposal_logp": proposal_logp,
+                                         "labels": labels})
     check_sampled_options(alpha, temperature, ignore_index, reduction)
-    if alpha < 1 and labels is None:
-        _fail(f"alpha = {alpha} < 1 mixes in cross-entropy, which needs labels; pass labels or use alpha=1")
+    check_alpha_needs_labels(_fail, alpha, labels)
 
 
 def check_sampled_options(alpha, temperature, ignore_index, reduction):
     """The non-tensor options (also checked when the trainer builds its loss)."""
-    if not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
-        _fail(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if not isinstance(temperature, numbers.Real) or not 0 < temperature < float("inf"):
-        _fail(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not isinstance(ignore_index, numbers.Integral):
-        _fail(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
-        _fail(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    check_mix_options(_fail, alpha, temperature, ignore_index, reduction)
 
 
-class _DataChecks:
-    """Value checks of the [N, K] and [N] inputs, queued on the device without a sync;
-    `raise_if_invalid` adds the logits check and syncs once. Details only on failure."""
+class _DataChecks(RowChecks):
+    """The sampled inputs' value checks (counts, ids at drawn slots, log-probs there), beside the
+    common label and logits checks."""
 
     def __init__(self, logits, sample_idx, sample_count, target_logp, proposal_logp, labels, ignore_index):
-        self.vocab = logits.shape[1]
-        n = logits.shape[0]
-        self.sample_idx, self.sample_count, self.labels = sample_idx, sample_count, labels
+        super().__init__(_fail, logits.shape[0], logits.shape[1], logits.device, labels, ignore_index)
+        self.sample_idx, self.sample_count = sample_idx, sample_count
         self.target_logp, self.proposal_logp = target_logp, proposal_logp
-        self.ignore_index = ignore_index
-        if labels is None:
-            self.counted = torch.ones(n, dtype=torch.bool, device=logits.device)
-            self.count = max(n, 1)
-        else:
-            self.counted = labels != ignore_index
-            self.count = self.counted.sum().clamp_min(1)
         count = sample_count if sample_count.is_floating_point() else sample_count.long()
         self.drawn = count > 0
         # Padding slots get distinct negative ids, so only drawn ids can repeat.
@@ -218,7 +187,7 @@ class _DataChecks:
         ids = torch.where(self.drawn, sample_idx.long(), -1 - cols).sort(dim=1).values
         self._ids_sorted = ids
         finite_at_drawn = lambda t: self.drawn & ~torch.isfinite(t)  # noqa: E731
-        self._rows = {
+        self.rows = {
             "count_value": ((count < 0) | ~torch.isfinite(count.double())).any(dim=1),
             "no_draws": self.counted & ~self.drawn.any(dim=1),
             "id_range": (self.drawn & ((sample_idx < 0) | (sample_idx >= self.vocab))).any(dim=1),
@@ -226,21 +195,10 @@ class _DataChecks:
             "target_value": finite_at_drawn(target_logp).any(dim=1),
             "proposal_value": (finite_at_drawn(proposal_logp).any(dim=1) if proposal_logp is not None
                                else torch.zeros_like(self.counted)),
-            "label_range": (self.counted & ((labels < 0) | (labels >= self.vocab)) if labels is not None
-                            else torch.zeros_like(self.counted)),
+            "label_range": self.label_rows(),
         }
 
-    def raise_if_invalid(self, bad_logit_rows: torch.Tensor) -> None:
-        rows = dict(self._rows, logits=bad_logit_rows)
-        flags = torch.stack([r.any() for r in rows.values()]).tolist()  # the one sync
-        for (name, bad), flag in zip(rows.items(), flags):
-            if flag:
-                row = int(bad.nonzero()[0, 0])
-                _fail(self._message(name, row, int(bad.sum())))
-
-    def _message(self, name: str, row: int, n_bad: int) -> str:
-        where = f"row {row}" + (f" (and {n_bad - 1} more rows)" if n_bad > 1 else "")
-        vocab = self.vocab
+    def message(self, name: str, row: int, where: str) -> str:
         if name == "count_value":
             return f"sample_count must be finite and >= 0; {where} holds {self.sample_count[row].tolist()}"
         if name == "no_draws":
@@ -248,8 +206,8 @@ class _DataChecks:
                     f"(mark rows without targets with labels = ignore_index)")
         if name == "id_range":
             ids = self.sample_idx[row][self.drawn[row]]
-            bad_id = int(ids[(ids < 0) | (ids >= vocab)][0])
-            return (f"sample_idx must hold ids in [0, V = {vocab}) where the count is > 0; {where} holds "
+            bad_id = int(ids[(ids < 0) | (ids >= self.vocab)][0])
+            return (f"sample_idx must hold ids in [0, V = {self.vocab}) where the count is > 0; {where} holds "
                     f"{bad_id}. Is the teacher's vocabulary the student's (compare the store manifest's vocab size)?")
         if name == "id_repeat":
             ids = self._ids_sorted[row]
@@ -260,16 +218,7 @@ class _DataChecks:
             vals = (self.target_logp if name == "target_value" else self.proposal_logp)[row][self.drawn[row]]
             bad = float(vals[~torch.isfinite(vals)][0])
             return f"{arg} must be finite log-probabilities where the count is > 0; {where} holds {bad}"
-        if name == "label_range":
-            return (f"labels must be in [0, V = {vocab}) or ignore_index = {self.ignore_index}; "
-                    f"{where} holds {int(self.labels[row])}")
-        return (f"logits must be finite where they count (-inf entries are allowed if a row keeps one "
-                f"finite entry); {where} holds NaN or +inf, or no finite entry")
-
-
-def _bad_rows_by_torch(logits: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    x = logits.float() if logits.dtype != torch.float64 else logits
-    return counted & ~torch.isfinite(torch.logsumexp(x, dim=-1))
+        return super().message(name, row, where)
 
 
 _WARNED: set[str] = set()

@@ -15,11 +15,10 @@ import warnings
 import torch
 
 from . import ops
+from .checks import (IDX_DTYPES, CountedRows, RowChecks, bad_rows_by_torch, check_alpha_needs_labels,
+                     check_devices, check_labels, check_logits, check_mix_options, describe)
 from .reference import DIVERGENCES, SparseKLOutput, sparse_kl_reference
 
-REDUCTIONS = ("mean", "sum", "none")
-_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_IDX_DTYPES = (torch.int32, torch.int64)
 PAD_ID = -1  # a top-k entry with this id and log-prob -inf is padding (rows of an adaptive-K store): skipped
 
 
@@ -108,7 +107,7 @@ def sparse_kl(
         tempered_lse, validate)
     if _extension_for(logits.device) is None:
         if validate:
-            checks.raise_if_invalid(bad_logit_rows=_bad_rows_by_torch(logits, checks.counted))
+            checks.raise_if_invalid(bad_logit_rows=bad_rows_by_torch(logits, checks.counted))
         loss_rows, kd_rows, ce_rows = sparse_kl_reference(
             logits, topk_idx, topk_logp, labels,
             tail=tail, alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction="none",
@@ -133,8 +132,8 @@ def _prepare(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, igno
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     labels = None if labels is None else labels.long().contiguous()
     n, vocab = logits.shape
-    checks = (_DataChecks if validate else _Counts)(n, vocab, device, topk_idx, topk_logp, labels, tail, ignore_index,
-                                                    tempered_lse)
+    checks = (_DataChecks(n, vocab, device, topk_idx, topk_logp, labels, tail, ignore_index, tempered_lse)
+              if validate else CountedRows(n, device, labels, ignore_index))
     return (topk_idx.to(torch.int32).contiguous(), topk_logp.to(acc).contiguous(), labels,
             None if tempered_lse is None else tempered_lse.to(acc).contiguous(), checks)
 
@@ -174,58 +173,36 @@ def _fail(message: str):
     raise SparseKLError(f"sparse_kl: {message}")
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).replace('torch.', '')} {list(t.shape)} on {t.device}"
-
-
 def _check_args(logits, topk_idx, topk_logp, labels, tail, alpha, temperature, ignore_index, reduction,
                 divergence, beta, tempered_lse, device):
     """Shape, dtype, device and option checks: metadata only, no device work."""
-    for name, t in (("logits", logits), ("topk_idx", topk_idx), ("topk_logp", topk_logp)):
+    check_logits(_fail, logits, device)
+    for name, t in (("topk_idx", topk_idx), ("topk_logp", topk_logp)):
         if not isinstance(t, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if logits.dim() != 2 or logits.dtype not in _LOGITS_DTYPES:
-        _fail(f"logits must be float32/bfloat16/float16 [N, V], got {_describe(logits)}")
-    if logits.dtype == torch.float64 and device.type != "cpu":
-        _fail(f"float64 logits are supported on CPU only (for gradcheck), got {_describe(logits)}")
     n, vocab = logits.shape
-    if topk_idx.dim() != 2 or topk_idx.shape[0] != n or topk_idx.dtype not in _IDX_DTYPES:
-        _fail(f"topk_idx must be int32/int64 [N, K] with N = {n} (the rows of logits), got {_describe(topk_idx)}")
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != n or topk_idx.dtype not in IDX_DTYPES:
+        _fail(f"topk_idx must be int32/int64 [N, K] with N = {n} (the rows of logits), got {describe(topk_idx)}")
     k = topk_idx.shape[1]
     if not 1 <= k <= vocab:
         _fail(f"topk_idx must have 1 <= K <= V = {vocab} columns, got K = {k}")
     if topk_logp.shape != topk_idx.shape or topk_logp.dtype not in (torch.float32, torch.float64):
-        _fail(f"topk_logp must be float32 [N, K] = {list(topk_idx.shape)} like topk_idx, got {_describe(topk_logp)}")
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor) or labels.dtype not in _IDX_DTYPES or labels.shape != (n,):
-            got = _describe(labels) if isinstance(labels, torch.Tensor) else type(labels).__name__
-            _fail(f"labels must be int64 [N] with N = {n} (or None), got {got}")
-    if tempered_lse is not None:
-        if (not isinstance(tempered_lse, torch.Tensor) or tempered_lse.shape != (n,)
-                or tempered_lse.dtype not in (torch.float32, torch.float64)):
-            got = _describe(tempered_lse) if isinstance(tempered_lse, torch.Tensor) else type(tempered_lse).__name__
-            _fail(f"tempered_lse must be float32 [N] with N = {n} (or None), got {got}")
-    for name, t in (("topk_idx", topk_idx), ("topk_logp", topk_logp), ("labels", labels),
-                    ("tempered_lse", tempered_lse)):
-        if t is not None and t.device != device:
-            _fail(f"{name} must be on the logits' device {device}, got {t.device}")
+        _fail(f"topk_logp must be float32 [N, K] = {list(topk_idx.shape)} like topk_idx, got {describe(topk_logp)}")
+    check_labels(_fail, labels, n)
+    if tempered_lse is not None and (not isinstance(tempered_lse, torch.Tensor) or tempered_lse.shape != (n,)
+                                     or tempered_lse.dtype not in (torch.float32, torch.float64)):
+        _fail(f"tempered_lse must be float32 [N] with N = {n} (or None), got {describe(tempered_lse)}")
+    check_devices(_fail, device, {"topk_idx": topk_idx, "topk_logp": topk_logp, "labels": labels,
+                                  "tempered_lse": tempered_lse})
     _check_options(tail, alpha, temperature, ignore_index, reduction, divergence, beta)
-    if alpha < 1 and labels is None:
-        _fail(f"alpha = {alpha} < 1 mixes in cross-entropy, which needs labels; pass labels or use alpha=1")
+    check_alpha_needs_labels(_fail, alpha, labels)
 
 
 def _check_options(tail, alpha, temperature, ignore_index, reduction, divergence="fkl", beta=0.5):
     """The non-tensor options (also checked when a SparseKLLoss module is built)."""
     if not isinstance(tail, bool):
         _fail(f"tail must be a bool, got {tail!r}")
-    if not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
-        _fail(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if not isinstance(temperature, numbers.Real) or not 0 < temperature < float("inf"):
-        _fail(f"temperature must be a finite number > 0, got {temperature!r}")
-    if not isinstance(ignore_index, numbers.Integral):
-        _fail(f"ignore_index must be an int, got {ignore_index!r}")
-    if reduction not in REDUCTIONS:
-        _fail(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    check_mix_options(_fail, alpha, temperature, ignore_index, reduction)
     if divergence not in DIVERGENCES:
         _fail(f"divergence must be one of {', '.join(DIVERGENCES)}, got {divergence!r}")
     if not isinstance(beta, numbers.Real) or not 0 < beta < 1:
@@ -235,59 +212,27 @@ def _check_options(tail, alpha, temperature, ignore_index, reduction, divergence
               f"the teacher's top-k is invisible to a reverse divergence")
 
 
-class _Counts:
-    """Which rows count, and how many (a tensor, so no sync), for the reductions."""
+class _DataChecks(RowChecks):
+    """The top-k inputs' value checks (ids in range and distinct, log-probs, a row's mass without the
+    tail, tempered_lse), beside the common label and logits checks."""
 
     def __init__(self, n, vocab, device, topk_idx, topk_logp, labels, tail, ignore_index, tempered_lse=None):
-        if labels is None:
-            self.counted = torch.ones(n, dtype=torch.bool, device=device)
-            self.count = max(n, 1)
-        else:
-            self.counted = labels != ignore_index
-            self.count = self.counted.sum().clamp_min(1)  # an all-ignored batch has mean loss 0
-
-
-class _DataChecks(_Counts):
-    """Checks of the values of the small inputs ([N, K] and [N]), queued on the device without a
-    sync; `raise_if_invalid` adds the logits check and syncs once. Details (the first bad row) are
-    computed only on failure."""
-
-    def __init__(self, n, vocab, device, topk_idx, topk_logp, labels, tail, ignore_index, tempered_lse=None):
-        super().__init__(n, vocab, device, topk_idx, topk_logp, labels, tail, ignore_index)
-        self.vocab = vocab
-        self.topk_idx, self.topk_logp, self.labels = topk_idx, topk_logp, labels
-        self.ignore_index = ignore_index
+        super().__init__(_fail, n, vocab, device, labels, ignore_index)
+        self.topk_idx, self.topk_logp, self.tempered_lse = topk_idx, topk_logp, tempered_lse
         ids = topk_idx.sort(dim=1).values
         padding = (topk_idx == PAD_ID) & (topk_logp == float("-inf"))
-        self._rows = {
-            "id_range": (((topk_idx < 0) | (topk_idx >= self.vocab)) & ~padding).any(dim=1),
+        none = torch.zeros_like(self.counted)
+        self.rows = {
+            "id_range": (((topk_idx < 0) | (topk_idx >= vocab)) & ~padding).any(dim=1),
             "id_repeat": ((ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] != PAD_ID)).any(dim=1),
             "logp_value": (torch.isnan(topk_logp) | (topk_logp == float("inf"))).any(dim=1),
-            "logp_empty": (topk_logp == float("-inf")).all(dim=1) if not tail else torch.zeros_like(self.counted),
-            "label_range": (
-                self.counted & ((labels < 0) | (labels >= self.vocab))
-                if labels is not None
-                else torch.zeros_like(self.counted)
-            ),
-            "lse_value": (
-                self.counted & ~torch.isfinite(tempered_lse)
-                if tempered_lse is not None
-                else torch.zeros_like(self.counted)
-            ),
+            "logp_empty": (topk_logp == float("-inf")).all(dim=1) if not tail else none,
+            "label_range": self.label_rows(),
+            "lse_value": self.counted & ~torch.isfinite(tempered_lse) if tempered_lse is not None else none,
         }
-        self.tempered_lse = tempered_lse
         self._ids_sorted = ids
 
-    def raise_if_invalid(self, bad_logit_rows: torch.Tensor) -> None:
-        rows = dict(self._rows, logits=bad_logit_rows)
-        flags = torch.stack([r.any() for r in rows.values()]).tolist()  # the one sync
-        for (name, bad), flag in zip(rows.items(), flags):
-            if flag:
-                row = int(bad.nonzero()[0, 0])
-                _fail(self._message(name, row, int(bad.sum())))
-
-    def _message(self, name: str, row: int, n_bad: int) -> str:
-        where = f"row {row}" + (f" (and {n_bad - 1} more rows)" if n_bad > 1 else "")
+    def message(self, name: str, row: int, where: str) -> str:
         vocab = self.vocab
         if name == "id_range":
             ids, logp = self.topk_idx[row], self.topk_logp[row]
@@ -306,20 +251,10 @@ class _DataChecks(_Counts):
         if name == "logp_empty":
             return (f"topk_logp must give each row some mass when tail=False; {where} is all -inf "
                     f"(use tail=True to put the mass in the tail bucket)")
-        if name == "label_range":
-            return (f"labels must be in [0, V = {vocab}) or ignore_index = {self.ignore_index}; "
-                    f"{where} holds {int(self.labels[row])}")
         if name == "lse_value":
             return (f"tempered_lse must be finite where rows count (it is logsumexp(logp / T) over the teacher's "
                     f"vocabulary); {where} holds {float(self.tempered_lse[row])}")
-        return (f"logits must be finite where they count (-inf entries are allowed if a row keeps one "
-                f"finite entry); {where} holds NaN or +inf, or no finite entry")
-
-
-def _bad_rows_by_torch(logits: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
-    """The kernels' logits check, for the reference fallback (one extra pass)."""
-    x = logits.float() if logits.dtype != torch.float64 else logits
-    return counted & ~torch.isfinite(torch.logsumexp(x, dim=-1))
+        return super().message(name, row, where)
 
 
 _EXTENSION = None
