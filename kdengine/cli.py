@@ -156,6 +156,33 @@ temperatures_option = click.option(
          "--temperature T` at a listed T then trains exactly; at an unlisted T != 1 it is refused. E.g. 2 or 1.5,2.")
 
 
+def target_options(command):
+    """`--targets`, `--samples` and `--proposal-temperature`: what a new store keeps per position
+    (dump's and generate's; `store_top_k` checks them against --top-k)."""
+    for option in reversed([
+        click.option("--targets", type=click.Choice(["topk", "sample"]), default="topk", show_default=True,
+                     help="topk: the teacher's K largest entries + tail. sample: --samples draws per position from "
+                          "the teacher's distribution (RS-KD), kept as distinct ids with counts; trained with the "
+                          "unbiased sampled-target loss (kdengine/losses/sampled_reference.py)."),
+        click.option("--samples", type=click.IntRange(1, 255), default=12, show_default=True,
+                     help="With --targets sample: draws per position (M)."),
+        click.option("--proposal-temperature", type=float, default=1.0, show_default=True,
+                     help="With --targets sample: draw from softmax(log p / X); the store then trains unbiasedly "
+                          "at temperature 1 (importance weights) or X (plain counts)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def store_top_k(targets: str, top_k: int | None) -> int:
+    """--top-k as the config takes it: required with --targets topk, refused with sample (1 then)."""
+    if targets == "topk" and top_k is None:
+        raise click.UsageError("--targets topk needs --top-k K (e.g. 64)")
+    if targets == "sample" and top_k is not None:
+        raise click.UsageError("--top-k does not apply with --targets sample (use --samples)")
+    return top_k or 1
+
+
 # ---- dump ---------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--teacher", required=True, help="Teacher model: a local from_pretrained directory or a .gguf file "
@@ -167,15 +194,7 @@ temperatures_option = click.option(
               help="Store directory. Re-running the same command on it resumes after the last complete shard.")
 @click.option("--top-k", "top_k", type=int, default=None,
               help="Entries kept per position (K), e.g. 64. Required with --targets topk.")
-@click.option("--targets", type=click.Choice(["topk", "sample"]), default="topk", show_default=True,
-              help="topk: the teacher's K largest entries + tail. sample: --samples draws per position from the "
-                   "teacher's distribution (RS-KD), kept as distinct ids with counts; trained with the unbiased "
-                   "sampled-target loss (kdengine/losses/sampled_reference.py).")
-@click.option("--samples", type=click.IntRange(1, 255), default=12, show_default=True,
-              help="With --targets sample: draws per position (M).")
-@click.option("--proposal-temperature", type=float, default=1.0, show_default=True,
-              help="With --targets sample: draw from softmax(log p / X); the store then trains unbiasedly at "
-                   "temperature 1 (importance weights) or X (plain counts).")
+@target_options
 @click.option("--seed", type=int, default=0, show_default=True,
               help="With --targets sample: base seed; sample i draws from its own generator seeded by (seed, i), "
                    "so reruns, resumes and any rank split draw the same ids.")
@@ -220,11 +239,7 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
     from kdengine.store import StoreError
     from kdengine.teachers import TeacherError
 
-    if targets == "topk" and top_k is None:
-        raise click.UsageError("--targets topk needs --top-k K (e.g. 64)")
-    if targets == "sample" and top_k is not None:
-        raise click.UsageError("--top-k does not apply with --targets sample (use --samples)")
-    cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=top_k or 1, targets=targets, samples=samples,
+    cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=store_top_k(targets, top_k), targets=targets, samples=samples,
                      proposal_temperature=proposal_temperature, seed=seed, backend=backend, max_length=max_length,
                      batch_size=batch_size, shard_samples=shard_samples, device=device, dtype=dtype, chat=chat,
                      skip_bad_lines=skip_bad_lines, codec=codec, top_p=top_p, temperatures=temperatures,
@@ -259,8 +274,10 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Store directory (+ responses.jsonl). Re-running the same command resumes after the last "
                    "complete shard; other settings are refused.")
-@click.option("--top-k", "top_k", required=True, type=int,
-              help="Teacher entries kept per generated position (K), from its T=1 distribution.")
+@click.option("--top-k", "top_k", type=int, default=None,
+              help="Teacher entries kept per generated position (K), from its T=1 distribution. Required with "
+                   "--targets topk.")
+@target_options
 @click.option("--backend", type=click.Choice(["hf", "exl2"]), default="hf", show_default=True, help=BACKEND_HELP)
 @click.option("--chat/--no-chat", default=False, show_default=True,
               help="Format prompt and question lines with the chat template (messages lines always are).")
@@ -271,7 +288,10 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
               help="0: greedy. Above 0: sampled, seeded per response from (--seed, prompt id, sample number), "
                    "so reruns, resumes and any rank split give the same responses.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus mass when sampling.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled responses.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the sampled responses and, with --targets sample, of the draws: store sample i draws "
+                   "from its own generator seeded by (seed, i), apart from the one picking its tokens (the "
+                   "responses are those of --targets topk).")
 @click.option("--batch-size", type=int, default=8, show_default=True,
               help="Responses decoded together (left-padded, KV cache).")
 @click.option("--keep-correct", type=click.Choice(["gsm8k"]),
@@ -294,8 +314,9 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
 @click.option("--rank", type=int, default=None, help="This process's rank (with --world-size), as for dump.")
 @click.option("--world-size", type=int, default=None, help="Number of processes; each takes every W-th shard.")
 def generate(gpu_split, choices, stop, **options):
-    """Have the teacher answer prompts and store its top-k at every generated position in the same
-    pass: an ordinary store (train on it; --alpha 0 is sequence-level KD) plus responses.jsonl.
+    """Have the teacher answer prompts and store its top-k (or, with --targets sample, ids sampled from
+    its distribution) at every generated position in the same pass: an ordinary store (train on it;
+    --alpha 0 is sequence-level KD) plus responses.jsonl.
 
     \b
     kdengine generate --teacher T --data gsm8k_train.jsonl --out store --top-k 64 --chat \\
@@ -304,6 +325,7 @@ def generate(gpu_split, choices, stop, **options):
     from kdengine.generate import GenerateConfig, format_summary, parse_choices
     from kdengine.generate import generate as run_generate
 
+    options["top_k"] = store_top_k(options["targets"], options["top_k"])
     cfg = GenerateConfig(**options, stop=list(stop), choices=None if choices is None else parse_choices(choices),
                          backend_opts=backend_opts(options["backend"], gpu_split))
     click.echo(format_summary(_run_or_fail(run_generate, cfg), cfg.out))

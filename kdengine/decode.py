@@ -12,10 +12,11 @@ everything that decides what gets written lives here, once, for every backend:
   that row's own generator. Each response has its own generator, seeded from (seed, prompt id,
   sample number), so a response does not depend on which other prompts share its batch, its shard or
   its rank, nor on whether the run was resumed.
-- a target capture (`TopKCapture`): what the store keeps at each step, computed from the raw logits
-  (the T = 1 distribution, never the sampling one) on the teacher's device; only its [B, K] result
-  crosses to the CPU. Another kind of target (e.g. sampled tokens) is another small class with the
-  same two methods.
+- a target capture: what the store keeps at each step, computed from the raw logits (the T = 1
+  distribution, never the sampling one) on the teacher's device; only its [B, K] result crosses to
+  the CPU. `TopKCapture` keeps the top-k; `SampleCapture` draws RS-KD targets
+  (kdengine.sampling.draw_targets), each row from its own generator, independent of the token-picking
+  one, so the responses are the same whichever targets are captured.
 - `decode_batch`: the loop; rows end at an EOS id, at a stop string, or at max_new_tokens.
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import torch
 
+from kdengine.sampling import TeacherDraws, draw_targets
+from kdengine.store.format import TEMPERED_LSE
 from kdengine.teachers.base import topk_logprobs
 
 
@@ -78,10 +81,21 @@ def pick_tokens(logits: torch.Tensor, sampling: Sampling, generators: Sequence[t
 class TargetCapture(Protocol):
     """What the store keeps at each generated position."""
 
-    def take(self, logits: torch.Tensor) -> tuple[np.ndarray, ...]:
-        """Targets of every row from its next-token logits [B, V]: (idx int32 [B, K], logp float32 [B, K]),
-        then c_T float32 [B, #T] when temperatures were asked."""
+    def take(self, logits: torch.Tensor, active: Sequence[bool]) -> tuple[np.ndarray, ...]:
+        """Targets of every row from its next-token logits [B, V], as arrays whose first dimension is B
+        (rows not `active` have finished: they may hold anything)."""
         ...
+
+    def targets(self, rows: list[tuple[np.ndarray, ...]]):
+        """One response's targets from its rows of `take` (one per position, at least one), as the
+        producer writes them (producer.py)."""
+        ...
+
+
+def topk_targets(idx: np.ndarray, logp: np.ndarray, tempered_lse: np.ndarray | None = None) -> tuple:
+    """A top-k store's targets of P positions as the producer writes them: (idx, logp), plus the
+    c_T section when temperatures were asked."""
+    return (idx, logp) if tempered_lse is None else (idx, logp, {TEMPERED_LSE: tempered_lse})
 
 
 class TopKCapture:
@@ -91,24 +105,56 @@ class TopKCapture:
     def __init__(self, k: int, temperatures: Sequence[float] = ()):
         self.k, self.temperatures = k, tuple(temperatures)
 
-    def take(self, logits: torch.Tensor) -> tuple[np.ndarray, ...]:
+    def take(self, logits: torch.Tensor, active: Sequence[bool]) -> tuple[np.ndarray, ...]:
         top = topk_logprobs(logits, self.k, temperatures=self.temperatures)
         lse = (top.tempered_lse.cpu().numpy(),) if self.temperatures else ()
         return (top.idx.cpu().numpy(), top.logp.cpu().numpy()) + lse
+
+    def targets(self, rows: list[tuple[np.ndarray, ...]]) -> tuple:
+        return topk_targets(*(np.stack(column) for column in zip(*rows)))
+
+
+class SampleCapture:
+    """`samples` draws per position from the teacher's T = 1 distribution tempered by
+    `proposal_temperature` (kdengine.sampling.draw_targets), row i from its own generator seeded with
+    `seeds[i]` (made on the logits' device at the first step): a response's draws depend on its seed
+    alone, not on its batch-mates. Each row is padded to `samples` slots with count 0, as TeacherDraws
+    pads, so the rows of a response stack."""
+
+    def __init__(self, samples: int, proposal_temperature: float, seeds: Sequence[int]):
+        self.samples, self.proposal_temperature, self.seeds = samples, float(proposal_temperature), list(seeds)
+        self._generators: list[torch.Generator] | None = None
+
+    def take(self, logits: torch.Tensor, active: Sequence[bool]) -> tuple[np.ndarray, ...]:
+        if self._generators is None:
+            self._generators = [torch.Generator(device=logits.device).manual_seed(s) for s in self.seeds]
+        n, m = logits.shape[0], self.samples
+        ids, counts = np.zeros((n, m), np.int32), np.zeros((n, m), np.int32)
+        logp, log_norm = np.zeros((n, m), np.float32), np.zeros(n, np.float32)
+        for row in (r for r in range(n) if active[r]):
+            d = draw_targets(logits[row:row + 1], m, proposal_temperature=self.proposal_temperature,
+                             generator=self._generators[row])
+            k = d.ids.shape[1]
+            ids[row, :k], counts[row, :k], logp[row, :k] = d.ids[0].numpy(), d.counts[0].numpy(), d.logp[0].numpy()
+            log_norm[row] = d.log_norm[0].item()
+        return ids, counts, logp, log_norm
+
+    def targets(self, rows: list[tuple[np.ndarray, ...]]) -> TeacherDraws:
+        return TeacherDraws(*(torch.from_numpy(np.stack(column)) for column in zip(*rows)))
 
 
 @dataclass
 class Decoded:
     """One response: its token ids (EOS included when it ended on one), why it ended, and the
-    captured targets of each of its positions (row i predicts tokens[i]); None without a capture.
-    `generated` counts every token the teacher produced, the ones cut with a stop string included."""
+    captured targets of its positions (row i predicts tokens[i]) as the capture's `targets` gives
+    them (top-k: (idx [P, K], logp [P, K]) and the c_T section; sampled: a TeacherDraws); None
+    without a capture or without a position. `generated` counts every token the teacher produced, the
+    ones cut with a stop string included."""
 
     tokens: list[int]
     finish: str
     generated: int
-    idx: np.ndarray | None = None
-    logp: np.ndarray | None = None
-    tempered_lse: np.ndarray | None = None  # c_T [P, #T] when the capture was asked for temperatures
+    targets: object = None
     text: str = ""
 
 
@@ -146,7 +192,7 @@ def decode_batch(teacher, prompts: Sequence[Sequence[int]], generators: Sequence
         for step in range(max_new_tokens):
             active = [f is None for f in finish]
             if capture is not None:
-                taken = capture.take(logits)
+                taken = capture.take(logits, active)
             picked = pick_tokens(logits, sampling, generators, active).tolist()
             for row in range(n):
                 if not active[row]:
@@ -167,11 +213,8 @@ def decode_batch(teacher, prompts: Sequence[Sequence[int]], generators: Sequence
     for row in range(n):
         text, kept = _response_text(tokenizer, tokens[row], finish[row] or "length", stop, eos)
         d = Decoded(tokens=tokens[row][:kept], finish=finish[row] or "length", generated=len(tokens[row]), text=text)
-        if capture is not None:
-            rows = captured[row][:kept]
-            d.idx = np.stack([r[0] for r in rows]) if rows else None
-            d.logp = np.stack([r[1] for r in rows]) if rows else None
-            d.tempered_lse = np.stack([r[2] for r in rows]) if rows and len(rows[0]) > 2 else None
+        if capture is not None and kept:
+            d.targets = capture.targets(captured[row][:kept])
         out.append(d)
     return out
 

@@ -122,23 +122,9 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
         if getattr(cfg, name) < 1:
             raise DumpError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     sampled = cfg.targets == "sample"
-    if cfg.targets not in TARGET_MODES:
-        raise DumpError(f"--targets must be one of {', '.join(TARGET_MODES)}, got {cfg.targets!r}")
-    if sampled and not 1 <= cfg.samples <= 255:
-        raise DumpError(f"--samples must be in [1, 255], got {cfg.samples}")
-    if sampled and not 0 < cfg.proposal_temperature < float("inf"):
-        raise DumpError(f"--proposal-temperature must be a finite number > 0, got {cfg.proposal_temperature}")
-    codec, k = (SAMPLED_CODEC, cfg.samples) if sampled else (cfg.codec, cfg.top_k)
-    if sampled:
-        codec_params = {"samples": cfg.samples, "proposal_temperature": float(cfg.proposal_temperature),
-                        "seed": int(cfg.seed), "zstd_level": 3}
-    elif cfg.codec not in codec_names():
-        raise DumpError(f"unknown codec {cfg.codec!r}; choose one of {', '.join(codec_names())}")
-    else:
-        codec_params = default_params(cfg.codec)
-    unavailable = codec_unavailable(codec)
-    if unavailable:
-        raise DumpError(unavailable)
+    codec, k, codec_params = store_targets(cfg.targets, top_k=cfg.top_k, codec=cfg.codec, samples=cfg.samples,
+                                           proposal_temperature=cfg.proposal_temperature, seed=cfg.seed,
+                                           error=DumpError)
     if cfg.top_p is not None:
         if not 0 < cfg.top_p <= 1:
             raise DumpError(f"--top-p must be in (0, 1], got {cfg.top_p}")
@@ -246,6 +232,31 @@ def teacher_topk(teacher, samples: Sequence[Sample], k: int, batch_size: int, *,
             rows = slice(at, at + n)
             yield s, (idx[rows], logp[rows]) + (({TEMPERED_LSE: lse[rows]},) if temperatures else ())
             at += n
+
+
+def store_targets(targets: str, *, top_k: int, codec: str, samples: int, proposal_temperature: float, seed: int,
+                  error: type[Exception]) -> tuple[str, int, dict]:
+    """(codec, k, codec params) of a new store with `--targets` `targets`, after checking the options
+    (dump's and generate's one definition): topk keeps `top_k` entries with `codec`; sample keeps
+    `samples` draws per position with the sampled codec, whose params record the draws' settings."""
+    if targets not in TARGET_MODES:
+        raise error(f"--targets must be one of {', '.join(TARGET_MODES)}, got {targets!r}")
+    if targets == "sample":
+        if not 1 <= samples <= 255:
+            raise error(f"--samples must be in [1, 255], got {samples}")
+        if not 0 < proposal_temperature < float("inf"):
+            raise error(f"--proposal-temperature must be a finite number > 0, got {proposal_temperature}")
+        codec, k = SAMPLED_CODEC, samples
+        params = {"samples": samples, "proposal_temperature": float(proposal_temperature), "seed": int(seed),
+                  "zstd_level": 3}
+    elif codec not in codec_names():
+        raise error(f"unknown codec {codec!r}; choose one of {', '.join(codec_names())}")
+    else:
+        k, params = top_k, default_params(codec)
+    unavailable = codec_unavailable(codec)
+    if unavailable:
+        raise error(unavailable)
+    return codec, k, params
 
 
 def temperature_sections(temperatures: Sequence[float], *, sampled: bool, error: type[Exception]) -> dict:

@@ -1,5 +1,5 @@
-"""`kdengine generate`: the teacher writes answers, and its top-k at every generated position goes
-into an ordinary store in the same pass.
+"""`kdengine generate`: the teacher writes answers, and its top-k (or, with targets="sample", RS-KD
+draws) at every generated position goes into an ordinary store in the same pass.
 
     summary = generate(GenerateConfig(teacher="teacher/", data="gsm8k_train.jsonl", out="store/", top_k=64,
                                       chat=True, samples_per_prompt=4, temperature=0.7, keep_correct="gsm8k"))
@@ -14,10 +14,13 @@ Each prompt gets `samples_per_prompt` responses, decoded by kdengine.decode (gre
 generator per response seeded from (seed, prompt id, sample number)). A response is one store
 sample: input_ids = prompt tokens + response tokens (with its EOS when it ended on one), target
 positions = the response tokens (position t holds the teacher's T = 1 top-k predicting token t + 1),
-so `kdengine train` reads it like any dump. With `keep_correct="gsm8k"` only responses whose answer
-(the evaluator's extraction) equals the reference go into the store (rejection sampling). With
-`choices`, nothing is generated: the teacher scores each choice as the continuation of the prompt,
-and the most likely one is the response.
+so `kdengine train` reads it like any dump. With targets="sample" position t holds `samples` draws
+from the teacher's distribution instead (as `kdengine dump --targets sample` stores them), store
+sample i drawing from its own generator seeded by (seed, i) (kdengine.sampling.sample_seed), apart
+from the one that picks its tokens: the responses are those of a top-k run with the same settings.
+With `keep_correct="gsm8k"` only responses whose answer (the evaluator's extraction) equals the
+reference go into the store (rejection sampling). With `choices`, nothing is generated: the teacher
+scores each choice as the continuation of the prompt, and the most likely one is the response.
 
 Prompts are cut into chunks of `shard_prompts`; chunk c is one shard, written by rank c mod W, through
 the same producer as the dump (producer.py): atomic shards, resume after the last complete one, one
@@ -38,16 +41,16 @@ import torch
 from tqdm import tqdm
 
 from kdengine.corpus import ROLES, Sample
-from kdengine.decode import Sampling, TopKCapture, decode_batch, response_generator
+from kdengine.decode import SampleCapture, Sampling, TopKCapture, decode_batch, response_generator, topk_targets
 from kdengine.checksum import sha256_file
-from kdengine.dump import DumpError, resolve_rank, temperature_sections
+from kdengine.dump import DumpError, resolve_rank, store_targets, temperature_sections
 from kdengine.durable import write_atomic
 from kdengine.jsonl import read_jsonl
 from kdengine.producer import plan_chunks, write_chunks
 from kdengine.progress import TokenBar
-from kdengine.store import StoreHeader, StoreWriter, codec_names
-from kdengine.store.codec import DEFAULT_CODEC, codec_unavailable, default_params
-from kdengine.store.format import TEMPERED_LSE
+from kdengine.sampling import draw_targets, sample_seed
+from kdengine.store import StoreHeader, StoreWriter
+from kdengine.store.codec import DEFAULT_CODEC
 from kdengine.store.writer import check_dump_settings, claim_rank
 from kdengine.teachers import encode_chat, encode_text, load_teacher, topk_logprobs
 
@@ -84,6 +87,9 @@ class GenerateConfig:
     dtype: str | None = None
     backend_opts: dict = field(default_factory=dict)
     codec: str = DEFAULT_CODEC
+    targets: str = "topk"  # or "sample": `samples` draws per position (RS-KD), codec `sampled`, as for dump
+    samples: int = 12
+    proposal_temperature: float = 1.0
     temperatures: tuple[float, ...] = ()  # store c_T for each (as `kdengine dump --temperatures`); not sampling
     rank: int | None = None
     world_size: int | None = None
@@ -149,23 +155,26 @@ def generate(cfg: GenerateConfig, *, teacher=None) -> GenerateSummary:
     """
     rank, world_size = resolve_rank(cfg.rank, cfg.world_size)
     _check_settings(cfg)
-    sections = temperature_sections(cfg.temperatures, sampled=False, error=GenerateError)
+    codec, k, codec_params = store_targets(cfg.targets, top_k=cfg.top_k, codec=cfg.codec, samples=cfg.samples,
+                                           proposal_temperature=cfg.proposal_temperature, seed=cfg.seed,
+                                           error=GenerateError)
+    sections = temperature_sections(cfg.temperatures, sampled=cfg.targets == "sample", error=GenerateError)
     lines = read_prompts(cfg.data, needs_reference=cfg.keep_correct == "gsm8k")
     config = _config(cfg, sha256_file(cfg.data), world_size)
-    check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "codec_params": default_params(cfg.codec),
-                                  "sections": sections, "config": config})
+    check_dump_settings(cfg.out, {"k": k, "codec": codec, "codec_params": codec_params, "sections": sections,
+                                  "config": config})
     lock = claim_rank(cfg.out, rank) if Path(cfg.out).is_dir() else None  # refuse a second writer before any work
     try:
         if teacher is None:
             opts = {"max_batch_size": cfg.batch_size, **cfg.backend_opts} if cfg.backend == "exl2" else cfg.backend_opts
             teacher = load_teacher(cfg.teacher, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype, **opts)
-        if cfg.top_k > teacher.vocab_size:
+        if cfg.targets == "topk" and cfg.top_k > teacher.vocab_size:
             raise GenerateError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size}); "
                                 f"use --top-k {teacher.vocab_size} or less")
         prompt_ids = [_encode_prompt(line, teacher.tokenizer, cfg.chat, cfg.data) for line in lines]
         header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
-                             vocab_size=teacher.vocab_size, k=cfg.top_k, codec=cfg.codec,
-                             codec_params=default_params(cfg.codec), config=config, sections=sections)
+                             vocab_size=teacher.vocab_size, k=k, codec=codec, codec_params=codec_params,
+                             config=config, targets=cfg.targets, sections=sections)
         writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size, lock=lock)
         try:
             return _write(cfg, writer, header, teacher, lines, prompt_ids, rank, world_size)
@@ -208,7 +217,8 @@ class _Run:
         self.cfg, self.teacher, self.lines, self.prompt_ids = cfg, teacher, lines, prompt_ids
         self.summary, self.bar = summary, bar
         self.sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed)
-        self.capture = TopKCapture(cfg.top_k, cfg.temperatures)
+        self.sampled = cfg.targets == "sample"
+        self.topk = TopKCapture(cfg.top_k, cfg.temperatures)
 
     def chunk(self, c: int) -> Iterator[tuple]:
         prompts = _chunk_range(c, self.cfg.shard_prompts, len(self.lines))
@@ -239,15 +249,18 @@ class _Run:
             batch = units[first:first + cfg.batch_size]
             generators = [None if self.sampling.greedy else response_generator(cfg.seed, self.lines[p].id, j)
                           for p, j in batch]
+            capture = (SampleCapture(cfg.samples, cfg.proposal_temperature,
+                                     [sample_seed(cfg.seed, self._index(p, j)) for p, j in batch])
+                       if self.sampled else self.topk)
             started = time.perf_counter()
             decoded = decode_batch(self.teacher, [self.prompt_ids[p] for p, _ in batch], generators,
-                                   sampling=self.sampling, max_new_tokens=cfg.max_new_tokens, capture=self.capture,
+                                   sampling=self.sampling, max_new_tokens=cfg.max_new_tokens, capture=capture,
                                    stop=stop, on_step=self.bar.step)
             self.summary.decode_seconds += time.perf_counter() - started
             self.bar.batch_done(len(batch), sum(d.generated for d in decoded))
             for (p, j), d in zip(batch, decoded):
                 self.summary.new_tokens += d.generated
-                record, stored = self._record(p, j, d.text, d.tokens, d.finish, d.idx, d.logp, d.tempered_lse)
+                record, stored = self._record(p, j, d.text, d.tokens, d.finish, d.targets)
                 record["new_tokens"] = d.generated
                 yield record, stored
 
@@ -256,9 +269,13 @@ class _Run:
 
         return list(STOP) if not self.cfg.chat and any(line.kind == "gsm8k" for line in self.lines) else []
 
-    def _record(self, p: int, j: int, text: str, tokens: list[int], finish: str, idx, logp, tempered_lse=None):
-        line, n = self.lines[p], self.cfg.samples_per_prompt
-        index = p * n + j
+    def _index(self, p: int, j: int) -> int:
+        """The store index of prompt p's response j."""
+        return p * self.cfg.samples_per_prompt + j
+
+    def _record(self, p: int, j: int, text: str, tokens: list[int], finish: str, targets):
+        """(its responses.jsonl record, (its store sample, `targets`)); the second is None when not stored."""
+        line, index = self.lines[p], self._index(p, j)
         record = {"_index": index, "id": f"{line.id}/{j}", "prompt_id": line.id, "sample": j,
                   "prompt": [dict(role=r, content=c) for r, c in line.messages] if line.kind == "messages"
                   else line.prompt,
@@ -278,14 +295,13 @@ class _Run:
         prompt = self.prompt_ids[p]
         ids = np.asarray(list(prompt) + list(tokens), dtype=np.int32)
         positions = np.arange(len(prompt) - 1, len(ids) - 1, dtype=np.int32)
-        targets = (idx, logp) if tempered_lse is None else (idx, logp, {TEMPERED_LSE: tempered_lse})
         return record, (Sample(index=index, id=record["id"], line=line.line, input_ids=ids, positions=positions),
                         targets)
 
     def _choices(self, prompts: range):
         """Scores every choice as the prompt's continuation (summed log-prob of its tokens, as lm-eval
         scores multiple choice); the argmax is the response, stored with its EOS and the teacher's
-        top-k at those positions, from the same forward pass."""
+        targets at those positions (`_forced_targets`), from the same forward pass."""
         tok = self.teacher.tokenizer
         eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
         delimiter = "" if self.cfg.chat else " "
@@ -313,11 +329,9 @@ class _Run:
                     best = int(np.argmax(probs))
                     row = rows[best]
                     seq = seqs[row][2]
-                    top = topk_logprobs(logits[row, start:len(seq) - 1], self.cfg.top_k,
-                                        temperatures=self.cfg.temperatures)
-                    lse = None if top.tempered_lse is None else top.tempered_lse.cpu().numpy()
+                    targets = self._forced_targets(logits[row, start:len(seq) - 1], self._index(p, 0))
                     record, stored = self._record(p, 0, self.cfg.choices[best], seq[start + 1:], "eos" if eos else
-                                                  "length", top.idx.cpu().numpy(), top.logp.cpu().numpy(), lse)
+                                                  "length", targets)
                     record["choices"] = dict(zip(self.cfg.choices, probs))
                     record["label"] = self.cfg.choices[best]
                     record["new_tokens"] = 0  # nothing generated: the label's tokens were scored
@@ -325,6 +339,18 @@ class _Run:
                     yield record, stored
                 self.summary.decode_seconds += time.perf_counter() - started
             self.bar.update(len(batch))
+
+
+    def _forced_targets(self, logits: torch.Tensor, index: int):
+        """The targets of store sample `index` from its teacher-forced logits [P, V]: its top-k, or its
+        draws from its own generator, as the dump draws a sample's (kdengine.sampling.teacher_draws)."""
+        if self.sampled:
+            generator = torch.Generator(device=logits.device).manual_seed(sample_seed(self.cfg.seed, index))
+            return draw_targets(logits, self.cfg.samples, proposal_temperature=self.cfg.proposal_temperature,
+                                generator=generator)
+        top = topk_logprobs(logits, self.cfg.top_k, temperatures=self.cfg.temperatures)
+        return topk_targets(top.idx.cpu().numpy(), top.logp.cpu().numpy(),
+                            None if top.tempered_lse is None else top.tempered_lse.cpu().numpy())
 
 
 def read_prompts(path: str | Path, *, needs_reference: bool = False) -> list[PromptLine]:
@@ -435,7 +461,6 @@ def _check_settings(cfg: GenerateConfig) -> None:
          "add --temperature (e.g. 0.7)"),
         (cfg.keep_correct in (None, *KEEP_CORRECT), f"--keep-correct takes {', '.join(KEEP_CORRECT)}, "
                                                     f"got {cfg.keep_correct!r}"),
-        (cfg.codec in codec_names(), f"unknown codec {cfg.codec!r}; choose one of {', '.join(codec_names())}"),
     ]
     if cfg.choices is not None:
         checks += [
@@ -447,9 +472,6 @@ def _check_settings(cfg: GenerateConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise GenerateError(message)
-    unavailable = codec_unavailable(cfg.codec)
-    if unavailable:
-        raise GenerateError(unavailable)
 
 
 def parse_choices(text: str) -> list[str]:

@@ -60,9 +60,10 @@ def main() -> None:
         common = next((i for i, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), min(len(a.tokens), len(b.tokens)))
         first_diff.append(common)
         for i in range(common):
+            a_idx, b_idx = a.targets[0][i], b.targets[0][i]  # the top-k ids of step i (targets: idx, logp)
             steps += 1
-            top1 += int(a.idx[i, 0] == b.idx[i, 0])
-            overlap += len(set(a.idx[i].tolist()) & set(b.idx[i].tolist())) / args.top_k
+            top1 += int(a_idx[0] == b_idx[0])
+            overlap += len(set(a_idx.tolist()) & set(b_idx.tolist())) / args.top_k
     report = {"prompts": len(lines), "identical_responses": same, "median_first_divergence": float(np.median(first_diff)),
               "steps_compared": steps, "top1_agreement": top1 / max(steps, 1), "topk_overlap": overlap / max(steps, 1)}
 

@@ -117,7 +117,7 @@ def test_a_stop_string_ends_the_response_before_it(teacher):
                           capture=TopKCapture(K))
     assert cut.finish == "stop" and cut.text == text[:text.find(stop)]
     assert cut.tokens == full.tokens[:len(cut.tokens)] and stop not in tok.decode(cut.tokens)
-    assert cut.idx.shape == (len(cut.tokens), K)
+    assert cut.targets[0].shape == (len(cut.tokens), K)
 
 
 def test_stored_topk_equals_a_teacher_forced_recompute(greedy, teacher):
