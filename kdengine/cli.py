@@ -321,6 +321,7 @@ def generate(gpu_split, choices, stop, **options):
     \b
     kdengine generate --teacher T --data gsm8k_train.jsonl --out store --top-k 64 --chat \\
         --samples-per-prompt 4 --temperature 0.7 --keep-correct gsm8k
+    kdengine generate --teacher T --data gsm8k_train.jsonl --out store --targets sample --samples 12 --chat
     """
     from kdengine.generate import GenerateConfig, format_summary, parse_choices
     from kdengine.generate import generate as run_generate
