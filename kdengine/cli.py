@@ -137,6 +137,25 @@ def make_student_command(teacher, layers, layer_map, out):
     click.echo(f"student with {len(ids)} layers (teacher layers {','.join(map(str, ids))}) written to {out}")
 
 
+def parse_temperatures(value: str | None) -> tuple[float, ...]:
+    """`--temperatures 1.5,2` -> (1.5, 2.0); empty or absent -> ()."""
+    if not value:
+        return ()
+    try:
+        return tuple(float(t) for t in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers such as 2 or 1.5,2, got {value!r}",
+                                 param_hint="--temperatures") from None
+
+
+temperatures_option = click.option(
+    "--temperatures", callback=lambda ctx, param, value: parse_temperatures(value), default=None,
+    metavar="T1,T2,...",
+    help="KD temperatures to store the exact tempered tail for: per position and per listed T, c_T = "
+         "logsumexp over the full vocabulary of logp / T (float32, 4 bytes each). `kdengine train --tail "
+         "--temperature T` at a listed T then trains exactly; at an unlisted T != 1 it is refused. E.g. 2 or 1.5,2.")
+
+
 # ---- dump ---------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--teacher", required=True, help="Teacher model: a local from_pretrained directory or a .gguf file "
@@ -186,12 +205,13 @@ def make_student_command(teacher, layers, layer_map, out):
               help="Adaptive K: keep at each position the smallest prefix of the sorted distribution whose mass "
                    "reaches X (at least 1 entry, at most --top-k); the tail bucket holds the rest. `kdengine "
                    "inspect` shows how many entries 90/99/99.9%% of the mass take. Needs --codec sqrt_ac.")
+@temperatures_option
 @click.option("--rank", type=int, default=None,
               help="This process's rank (with --world-size); default: torchrun's RANK, else 0.")
 @click.option("--world-size", type=int, default=None,
               help="Number of dump processes; each takes every W-th shard. Default: torchrun's WORLD_SIZE, else 1.")
 def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed, backend, max_length, batch_size,
-         shard_samples, device, dtype, gpu_split, chat, skip_bad_lines, codec, top_p, rank, world_size):
+         shard_samples, device, dtype, gpu_split, chat, skip_bad_lines, codec, top_p, temperatures, rank, world_size):
     """Run a teacher over a corpus and store its top-k next-token log-probs (or, with --targets sample,
     ids sampled from its next-token distribution) at every target position."""
     from kdengine.corpus import CorpusError
@@ -207,8 +227,8 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
     cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=top_k or 1, targets=targets, samples=samples,
                      proposal_temperature=proposal_temperature, seed=seed, backend=backend, max_length=max_length,
                      batch_size=batch_size, shard_samples=shard_samples, device=device, dtype=dtype, chat=chat,
-                     skip_bad_lines=skip_bad_lines, codec=codec, top_p=top_p, rank=rank, world_size=world_size,
-                     backend_opts=backend_opts(backend, gpu_split))
+                     skip_bad_lines=skip_bad_lines, codec=codec, top_p=top_p, temperatures=temperatures,
+                     rank=rank, world_size=world_size, backend_opts=backend_opts(backend, gpu_split))
     try:
         s = run_dump(cfg)
     except (CorpusError, DumpError, StoreError, TeacherError) as e:
@@ -270,6 +290,7 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
 @gpu_split_option
 @click.option("--codec", type=click.Choice(["sqrt_ac", "sqrt", "raw"]), default="sqrt_ac", show_default=True,
               help="Store codec (as for dump).")
+@temperatures_option
 @click.option("--rank", type=int, default=None, help="This process's rank (with --world-size), as for dump.")
 @click.option("--world-size", type=int, default=None, help="Number of processes; each takes every W-th shard.")
 def generate(gpu_split, choices, stop, **options):

@@ -78,20 +78,23 @@ def pick_tokens(logits: torch.Tensor, sampling: Sampling, generators: Sequence[t
 class TargetCapture(Protocol):
     """What the store keeps at each generated position."""
 
-    def take(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Targets of every row from its next-token logits [B, V]: (idx int32 [B, K], logp float32 [B, K])."""
+    def take(self, logits: torch.Tensor) -> tuple[np.ndarray, ...]:
+        """Targets of every row from its next-token logits [B, V]: (idx int32 [B, K], logp float32 [B, K]),
+        then c_T float32 [B, #T] when temperatures were asked."""
         ...
 
 
 class TopKCapture:
-    """The teacher's top-k log-probs of its T = 1 distribution (the tail is what they leave)."""
+    """The teacher's top-k log-probs of its T = 1 distribution (the tail is what they leave), and c_T
+    for each of `temperatures` (FORMAT.md, "Section tempered_lse")."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, temperatures: Sequence[float] = ()):
+        self.k, self.temperatures = k, tuple(temperatures)
 
-    def take(self, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        top = topk_logprobs(logits, self.k)
-        return top.idx.cpu().numpy(), top.logp.cpu().numpy()
+    def take(self, logits: torch.Tensor) -> tuple[np.ndarray, ...]:
+        top = topk_logprobs(logits, self.k, temperatures=self.temperatures)
+        lse = (top.tempered_lse.cpu().numpy(),) if self.temperatures else ()
+        return (top.idx.cpu().numpy(), top.logp.cpu().numpy()) + lse
 
 
 @dataclass
@@ -105,6 +108,7 @@ class Decoded:
     generated: int
     idx: np.ndarray | None = None
     logp: np.ndarray | None = None
+    tempered_lse: np.ndarray | None = None  # c_T [P, #T] when the capture was asked for temperatures
     text: str = ""
 
 
@@ -134,7 +138,7 @@ def decode_batch(teacher, prompts: Sequence[Sequence[int]], generators: Sequence
     eos = set(decoding.eos_ids)
     tokenizer = teacher.tokenizer
     tokens: list[list[int]] = [[] for _ in range(n)]
-    captured: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
+    captured: list[list[tuple[np.ndarray, ...]]] = [[] for _ in range(n)]
     finish: list[str | None] = [None] * n
     window = max((len(s.encode("utf-8")) for s in stop), default=0) + 1
     logits = decoding.logits
@@ -142,14 +146,14 @@ def decode_batch(teacher, prompts: Sequence[Sequence[int]], generators: Sequence
         for step in range(max_new_tokens):
             active = [f is None for f in finish]
             if capture is not None:
-                idx, logp = capture.take(logits)
+                taken = capture.take(logits)
             picked = pick_tokens(logits, sampling, generators, active).tolist()
             for row in range(n):
                 if not active[row]:
                     continue
                 tokens[row].append(picked[row])
                 if capture is not None:
-                    captured[row].append((idx[row], logp[row]))
+                    captured[row].append(tuple(a[row] for a in taken))
                 if picked[row] in eos:
                     finish[row] = "eos"
                 elif stop and any(s in tokenizer.decode(tokens[row][-window:]) for s in stop):
@@ -167,6 +171,7 @@ def decode_batch(teacher, prompts: Sequence[Sequence[int]], generators: Sequence
             rows = captured[row][:kept]
             d.idx = np.stack([r[0] for r in rows]) if rows else None
             d.logp = np.stack([r[1] for r in rows]) if rows else None
+            d.tempered_lse = np.stack([r[2] for r in rows]) if rows and len(rows[0]) > 2 else None
         out.append(d)
     return out
 

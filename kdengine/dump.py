@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,7 +26,7 @@ from kdengine.producer import plan_chunks, write_chunks
 from kdengine.sampling import teacher_draws
 from kdengine.store import StoreHeader, StoreWriter, codec_names
 from kdengine.store.codec import DEFAULT_CODEC, SAMPLED_CODEC, codec_unavailable, default_params
-from kdengine.store.format import TARGET_MODES
+from kdengine.store.format import TARGET_MODES, TEMPERED_LSE, tempered_lse_spec
 from kdengine.store.format import disk_bytes
 from kdengine.store.writer import check_dump_settings, claim_rank
 from kdengine.teachers import load_teacher, topk_logprobs
@@ -57,6 +56,7 @@ class DumpConfig:
     proposal_temperature: float = 1.0
     seed: int = 0
     top_p: float | None = None  # adaptive K: keep the smallest prefix with this mass, at most top_k entries
+    temperatures: tuple[float, ...] = ()  # also store c_T per position for each (FORMAT.md, "Section tempered_lse")
     rank: int | None = None
     world_size: int | None = None
     progress: bool = True
@@ -146,10 +146,11 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
             raise DumpError("--top-p (adaptive K) is for top-k targets; --targets sample draws --samples ids instead")
         if cfg.codec != "sqrt_ac":
             raise DumpError(f"--top-p (adaptive K) needs --codec sqrt_ac; codec {cfg.codec!r} stores K entries per row")
+    sections = temperature_sections(cfg.temperatures, sampled=sampled, error=DumpError)
     checked = check_corpus(cfg.data, skip_bad_lines=cfg.skip_bad_lines)  # fail fast, before the model loads
     config = _config(cfg, sha256_file(cfg.data), world_size)
     check_dump_settings(cfg.out, {"k": k, "codec": codec, "codec_params": codec_params, "top_p": cfg.top_p,
-                                  "config": config})
+                                  "sections": sections, "config": config})
     lock = claim_rank(cfg.out, rank) if Path(cfg.out).is_dir() else None  # refuse a second writer before any work
     try:
         device = cfg.device
@@ -168,7 +169,7 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
                             f"needs at least one target")
         header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
                              vocab_size=teacher.vocab_size, k=k, codec=codec, codec_params=codec_params,
-                             config=config, targets=cfg.targets, top_p=cfg.top_p)
+                             config=config, targets=cfg.targets, top_p=cfg.top_p, sections=sections)
         if not sampled and cfg.top_k > teacher.vocab_size:
             raise DumpError(f"--top-k {cfg.top_k} is larger than the teacher's vocabulary ({teacher.vocab_size})")
         writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size, lock=lock)
@@ -198,8 +199,8 @@ def _write(cfg, writer, teacher, header, corpus, rank, world_size, context_lengt
             items = teacher_draws(teacher, chunk_samples[chunk], cfg.samples, cfg.batch_size,
                                   proposal_temperature=cfg.proposal_temperature, seed=cfg.seed)
         else:
-            items = ((s, (idx, logp))
-                     for s, idx, logp in teacher_topk(teacher, chunk_samples[chunk], cfg.top_k, cfg.batch_size))
+            items = teacher_topk(teacher, chunk_samples[chunk], cfg.top_k, cfg.batch_size,
+                                 temperatures=cfg.temperatures)
         for sample, target in items:
             bar.update(len(sample.input_ids))
             yield sample, target
@@ -220,27 +221,44 @@ def _write(cfg, writer, teacher, header, corpus, rank, world_size, context_lengt
     return summary
 
 
-def teacher_topk(teacher, samples: Sequence[Sample], k: int, batch_size: int
-                 ) -> Iterator[tuple[Sample, np.ndarray, np.ndarray]]:
+def teacher_topk(teacher, samples: Sequence[Sample], k: int, batch_size: int, *,
+                 temperatures: Sequence[float] = ()) -> Iterator[tuple[Sample, tuple]]:
     """The teacher's top-k at every target position of every sample, batched by length.
 
     Samples are sorted by length (longest first) and cut into batches of `batch_size`; the top-k is
     taken on the teacher's device at the target rows only, and only K ids and log-probs per position
-    are copied to the CPU.
+    (and c_T per asked temperature) are copied to the CPU.
 
     Yields:
-        (sample, idx int32 [P, K], logp float32 [P, K]) per sample, in batch order.
+        (sample, (idx int32 [P, K], logp float32 [P, K])) per sample, in batch order; with
+        `temperatures`, (sample, (idx, logp, {"tempered_lse": float32 [P, len(temperatures)]})).
     """
     for b in padded_batches(samples, batch_size):
         with torch.inference_mode():
             logits = teacher.logits(b.input_ids, b.lengths)
-            top = topk_logprobs(logits[b.rows.to(logits.device), b.cols.to(logits.device)], k)
+            top = topk_logprobs(logits[b.rows.to(logits.device), b.cols.to(logits.device)], k,
+                                temperatures=temperatures)
             idx, logp = top.idx.cpu().numpy(), top.logp.cpu().numpy()
+            lse = top.tempered_lse.cpu().numpy() if temperatures else None
         at = 0
         for s in b.samples:
             n = len(s.positions)
-            yield s, idx[at:at + n], logp[at:at + n]
+            rows = slice(at, at + n)
+            yield s, (idx[rows], logp[rows]) + (({TEMPERED_LSE: lse[rows]},) if temperatures else ())
             at += n
+
+
+def temperature_sections(temperatures: Sequence[float], *, sampled: bool, error: type[Exception]) -> dict:
+    """The store's sections for `--temperatures` (none without it), after checking the list."""
+    if not temperatures:
+        return {}
+    if sampled:
+        raise error("--temperatures is for top-k targets; a sampled-target store trains at its proposal "
+                    "temperature (or at 1) without a normaliser")
+    bad = [t for t in temperatures if not 0 < t < float("inf")]
+    if bad or len(set(temperatures)) != len(temperatures):
+        raise error(f"--temperatures must be distinct finite numbers > 0, got {','.join(map(str, temperatures))}")
+    return {TEMPERED_LSE: tempered_lse_spec(temperatures)}
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

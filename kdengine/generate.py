@@ -40,13 +40,14 @@ from tqdm import tqdm
 from kdengine.corpus import ROLES, Sample
 from kdengine.decode import Sampling, TopKCapture, decode_batch, response_generator
 from kdengine.checksum import sha256_file
-from kdengine.dump import DumpError, resolve_rank
+from kdengine.dump import DumpError, resolve_rank, temperature_sections
 from kdengine.durable import write_atomic
 from kdengine.jsonl import read_jsonl
 from kdengine.producer import plan_chunks, write_chunks
 from kdengine.progress import TokenBar
 from kdengine.store import StoreHeader, StoreWriter, codec_names
 from kdengine.store.codec import DEFAULT_CODEC, codec_unavailable, default_params
+from kdengine.store.format import TEMPERED_LSE
 from kdengine.store.writer import check_dump_settings, claim_rank
 from kdengine.teachers import encode_chat, encode_text, load_teacher, topk_logprobs
 
@@ -83,6 +84,7 @@ class GenerateConfig:
     dtype: str | None = None
     backend_opts: dict = field(default_factory=dict)
     codec: str = DEFAULT_CODEC
+    temperatures: tuple[float, ...] = ()  # store c_T for each (as `kdengine dump --temperatures`); not sampling
     rank: int | None = None
     world_size: int | None = None
     progress: bool = True
@@ -147,10 +149,11 @@ def generate(cfg: GenerateConfig, *, teacher=None) -> GenerateSummary:
     """
     rank, world_size = resolve_rank(cfg.rank, cfg.world_size)
     _check_settings(cfg)
+    sections = temperature_sections(cfg.temperatures, sampled=False, error=GenerateError)
     lines = read_prompts(cfg.data, needs_reference=cfg.keep_correct == "gsm8k")
     config = _config(cfg, sha256_file(cfg.data), world_size)
     check_dump_settings(cfg.out, {"k": cfg.top_k, "codec": cfg.codec, "codec_params": default_params(cfg.codec),
-                                  "config": config})
+                                  "sections": sections, "config": config})
     lock = claim_rank(cfg.out, rank) if Path(cfg.out).is_dir() else None  # refuse a second writer before any work
     try:
         if teacher is None:
@@ -162,7 +165,7 @@ def generate(cfg: GenerateConfig, *, teacher=None) -> GenerateSummary:
         prompt_ids = [_encode_prompt(line, teacher.tokenizer, cfg.chat, cfg.data) for line in lines]
         header = StoreHeader(teacher=teacher.name, tokenizer_fingerprint=teacher.fingerprint,
                              vocab_size=teacher.vocab_size, k=cfg.top_k, codec=cfg.codec,
-                             codec_params=default_params(cfg.codec), config=config)
+                             codec_params=default_params(cfg.codec), config=config, sections=sections)
         writer = StoreWriter(cfg.out, header, rank=rank, world_size=world_size, lock=lock)
         try:
             return _write(cfg, writer, header, teacher, lines, prompt_ids, rank, world_size)
@@ -205,7 +208,7 @@ class _Run:
         self.cfg, self.teacher, self.lines, self.prompt_ids = cfg, teacher, lines, prompt_ids
         self.summary, self.bar = summary, bar
         self.sampling = Sampling(cfg.temperature, cfg.top_p, cfg.seed)
-        self.capture = TopKCapture(cfg.top_k)
+        self.capture = TopKCapture(cfg.top_k, cfg.temperatures)
 
     def chunk(self, c: int) -> Iterator[tuple]:
         prompts = _chunk_range(c, self.cfg.shard_prompts, len(self.lines))
@@ -244,7 +247,7 @@ class _Run:
             self.bar.batch_done(len(batch), sum(d.generated for d in decoded))
             for (p, j), d in zip(batch, decoded):
                 self.summary.new_tokens += d.generated
-                record, stored = self._record(p, j, d.text, d.tokens, d.finish, d.idx, d.logp)
+                record, stored = self._record(p, j, d.text, d.tokens, d.finish, d.idx, d.logp, d.tempered_lse)
                 record["new_tokens"] = d.generated
                 yield record, stored
 
@@ -253,7 +256,7 @@ class _Run:
 
         return list(STOP) if not self.cfg.chat and any(line.kind == "gsm8k" for line in self.lines) else []
 
-    def _record(self, p: int, j: int, text: str, tokens: list[int], finish: str, idx, logp):
+    def _record(self, p: int, j: int, text: str, tokens: list[int], finish: str, idx, logp, tempered_lse=None):
         line, n = self.lines[p], self.cfg.samples_per_prompt
         index = p * n + j
         record = {"_index": index, "id": f"{line.id}/{j}", "prompt_id": line.id, "sample": j,
@@ -275,8 +278,9 @@ class _Run:
         prompt = self.prompt_ids[p]
         ids = np.asarray(list(prompt) + list(tokens), dtype=np.int32)
         positions = np.arange(len(prompt) - 1, len(ids) - 1, dtype=np.int32)
+        targets = (idx, logp) if tempered_lse is None else (idx, logp, {TEMPERED_LSE: tempered_lse})
         return record, (Sample(index=index, id=record["id"], line=line.line, input_ids=ids, positions=positions),
-                        (idx, logp))
+                        targets)
 
     def _choices(self, prompts: range):
         """Scores every choice as the prompt's continuation (summed log-prob of its tokens, as lm-eval
@@ -309,9 +313,11 @@ class _Run:
                     best = int(np.argmax(probs))
                     row = rows[best]
                     seq = seqs[row][2]
-                    top = topk_logprobs(logits[row, start:len(seq) - 1], self.cfg.top_k)
+                    top = topk_logprobs(logits[row, start:len(seq) - 1], self.cfg.top_k,
+                                        temperatures=self.cfg.temperatures)
+                    lse = None if top.tempered_lse is None else top.tempered_lse.cpu().numpy()
                     record, stored = self._record(p, 0, self.cfg.choices[best], seq[start + 1:], "eos" if eos else
-                                                  "length", top.idx.cpu().numpy(), top.logp.cpu().numpy())
+                                                  "length", top.idx.cpu().numpy(), top.logp.cpu().numpy(), lse)
                     record["choices"] = dict(zip(self.cfg.choices, probs))
                     record["label"] = self.cfg.choices[best]
                     record["new_tokens"] = 0  # nothing generated: the label's tokens were scored

@@ -11,7 +11,7 @@ from kdengine.train import TrainError, main
 from kdengine.train.model import HeadNotFusable, TargetLogits, head_weights, linear_head_logits
 from kdengine.train.sources import SparseTargets
 
-STEPS = ["--steps", 3, "--tail", "--temperature", 2, "--alpha", 0.7]
+STEPS = ["--steps", 3, "--tail", "--approx-tempered-tail", "--temperature", 2, "--alpha", 0.7]
 
 
 @pytest.fixture(scope="module")

@@ -207,7 +207,7 @@ def test_feature_kd_resume_is_exact_and_projections_stay_out_of_the_export(tiny_
 
 def test_feature_kd_with_the_fused_head_takes_the_steps_of_the_logits(tiny_model_dir, corpus, narrow_student,
                                                                        tmp_path):
-    flags = ["--steps", 3, "--online-top-k", K, "--tail", "--alpha", 0.8, "--hidden-weight", 0.5]
+    flags = ["--steps", 3, "--online-top-k", K, "--tail", "--temperature", 2, "--alpha", 0.8, "--hidden-weight", 0.5]
     main(_online(narrow_student, tiny_model_dir, corpus, tmp_path / "fused", *flags))
     main(_online(narrow_student, tiny_model_dir, corpus, tmp_path / "logits", *flags, "--no-fused-head"))
     fused, logits = _records(tmp_path / "fused"), _records(tmp_path / "logits")

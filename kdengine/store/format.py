@@ -31,7 +31,11 @@ TARGET_MODES = ("topk", "sample")  # "sample" stores (RS-KD draws) use codec `sa
 # Named sections a store may add (FORMAT.md, "Sections"): name -> what it holds. A reader refuses a
 # store with a *required* section it does not know; unknown optional sections are checked (crc) and
 # passed through as they are.
-KNOWN_SECTIONS: dict[str, str] = {}
+TEMPERED_LSE = "tempered_lse"
+KNOWN_SECTIONS: dict[str, str] = {
+    TEMPERED_LSE: "c_T = logsumexp over the full vocabulary of logp / T, per position, one float32 column per "
+                  "temperature in params.temperatures (`kdengine dump --temperatures`)",
+}
 
 # v1: tensors of a shard (name -> dtype).
 SHARD_TENSORS_V1 = {
@@ -277,6 +281,25 @@ def check_section_spec(name, spec, where) -> None:
     if spec["required"] and name not in KNOWN_SECTIONS:
         raise StoreError(f"{where}: the store requires section {name!r}, which this kdengine does not know "
                          f"(it knows {sorted(KNOWN_SECTIONS) or 'none'}); use the kdengine release that wrote it")
+    if name == TEMPERED_LSE:
+        temps = spec.get("params", {}).get("temperatures")
+        if (spec["dtype"] != "float32" or not isinstance(temps, list) or len(temps) != spec["width"]
+                or not all(isinstance(t, (int, float)) and 0 < t < float("inf") for t in temps)
+                or len(set(temps)) != len(temps)):
+            raise StoreError(f"{where}: section {TEMPERED_LSE!r} must be float32 with params.temperatures a list "
+                             f"of width distinct finite temperatures > 0, got {spec!r}")
+
+
+def tempered_lse_spec(temperatures) -> dict:
+    """The manifest entry of the c_T section for these temperatures (FORMAT.md, "Section tempered_lse")."""
+    return {"dtype": "float32", "width": len(temperatures), "required": False,
+            "params": {"temperatures": [float(t) for t in temperatures]}}
+
+
+def tempered_lse_column(sections: dict, temperature: float) -> int | None:
+    """Which column of a store's c_T section holds `temperature` (exactly as given), or None."""
+    temps = sections.get(TEMPERED_LSE, {}).get("params", {}).get("temperatures", [])
+    return temps.index(float(temperature)) if float(temperature) in temps else None
 
 
 def section_tensor(name: str, spec: dict) -> str:

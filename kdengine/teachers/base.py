@@ -107,9 +107,12 @@ class TopK:
 
     idx: torch.Tensor
     logp: torch.Tensor
+    tempered_lse: torch.Tensor | None = None  # float32 [..., len(temperatures)]: c_T per asked T
 
 
-def topk_logprobs(logits: torch.Tensor, k: int, *, rows_per_chunk: int = 4096) -> TopK:
+
+def topk_logprobs(logits: torch.Tensor, k: int, *, temperatures: Sequence[float] = (),
+                  rows_per_chunk: int = 4096) -> TopK:
     """Top-k token ids and their full-vocab log-probabilities, computed where `logits` live.
 
     The log-softmax is taken in float32 a chunk of rows at a time so that a [B, T, V] half-precision
@@ -118,8 +121,12 @@ def topk_logprobs(logits: torch.Tensor, k: int, *, rows_per_chunk: int = 4096) -
     Args:
         logits: float [..., V] (fp32, bf16 or fp16), on any device.
         k: how many entries to keep, 1 <= k <= V.
+        temperatures: for each T, also c_T = logsumexp over the full vocabulary of logp / T, the one
+            number per position that makes the tempered teacher exact from its top-k (FORMAT.md,
+            "Section tempered_lse").
     Returns:
-        TopK with idx int32 [..., k] and logp float32 [..., k], on the same device as `logits`.
+        TopK with idx int32 [..., k] and logp float32 [..., k] (and tempered_lse float32
+        [..., len(temperatures)] when asked), on the same device as `logits`.
     """
     vocab = logits.shape[-1]
     if not 1 <= k <= vocab:
@@ -127,10 +134,17 @@ def topk_logprobs(logits: torch.Tensor, k: int, *, rows_per_chunk: int = 4096) -
     flat = logits.reshape(-1, vocab)
     idx = torch.empty(flat.shape[0], k, dtype=torch.int32, device=logits.device)
     logp = torch.empty(flat.shape[0], k, dtype=torch.float32, device=logits.device)
+    lse_t = torch.empty(flat.shape[0], len(temperatures), dtype=torch.float32, device=logits.device)
     for start in range(0, flat.shape[0], rows_per_chunk):
         rows = flat[start:start + rows_per_chunk].float()
         top_val, top_idx = rows.topk(k, dim=-1, sorted=True)
-        logp[start:start + rows_per_chunk] = top_val - rows.logsumexp(dim=-1, keepdim=True)
+        lse = rows.logsumexp(dim=-1, keepdim=True)
+        logp[start:start + rows_per_chunk] = top_val - lse
         idx[start:start + rows_per_chunk] = top_idx.to(torch.int32)
+        if temperatures:
+            full = rows - lse
+            lse_t[start:start + rows_per_chunk] = torch.stack(
+                [(full / t).logsumexp(dim=-1) for t in temperatures], dim=-1)
     shape = logits.shape[:-1] + (k,)
-    return TopK(idx=idx.reshape(shape), logp=logp.reshape(shape))
+    tempered = lse_t.reshape(logits.shape[:-1] + (len(temperatures),)) if temperatures else None
+    return TopK(idx=idx.reshape(shape), logp=logp.reshape(shape), tempered_lse=tempered)

@@ -91,6 +91,11 @@ class TrainConfig:
     temperature: float = option(1.0, group="loss", metavar="X", low=0, low_open=True, help="KD temperature")
     tail: bool = option(False, group="loss",
                         help="add the teacher's probability mass outside its top-k as one extra KL bucket")
+    approx_tempered_tail: bool = option(
+        False, group="loss",
+        help="with --tail at --temperature != 1 and a store without c_T for that T (dumped without --temperatures "
+             "T): treat the tail mass as one token, z_tail = ln(tail) / T, which understates the tempered tail "
+             "(several-fold at T = 2); without this flag such a run is refused")
     divergence: str = option("fkl", group="loss", choices=("fkl", "rkl", "jsd"),
                              help="KD divergence over the top-k + tail buckets: fkl = forward KL(teacher || student), "
                                   "rkl = reverse KL(student || teacher) (mode-seeking), jsd = generalized "

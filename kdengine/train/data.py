@@ -21,6 +21,8 @@ from typing import Iterator
 
 import torch
 
+from kdengine.store.format import TEMPERED_LSE
+
 IGNORE_INDEX = -100
 _SORT_WINDOW = 512  # samples sorted by length together before being cut into batches
 
@@ -134,6 +136,7 @@ def collate(samples: list[dict], *, pad_id: int) -> dict:
         dict with input_ids int64 [B, L], attention_mask int64 [B, L], rows int64 [N] (indices into the
         flattened [B * L] positions), labels int64 [N] (the next input token), topk_idx int32 [N, K],
         topk_logp float32 [N, K] (or the sample_* fields, rows padded to the batch's widest with count 0),
+        tempered_lse float32 [N, #T] when the store holds c_T (`kdengine dump --temperatures`),
         tokens (sum of sample lengths) and targets (N). A position at a
         sample's last token has no next token to check against and is left out. Samples of an
         adaptive-K store have different widths: K is the batch's widest, and shorter rows are padded
@@ -142,7 +145,7 @@ def collate(samples: list[dict], *, pad_id: int) -> dict:
     longest = max(int(s["input_ids"].numel()) for s in samples)
     input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(samples), longest), dtype=torch.long)
-    rows, labels, idx, logp, keeps = [], [], [], [], []
+    rows, labels, idx, logp, lse, keeps = [], [], [], [], [], []
     for b, s in enumerate(samples):
         x = s["input_ids"].long()
         n = x.numel()
@@ -157,6 +160,8 @@ def collate(samples: list[dict], *, pad_id: int) -> dict:
         if "topk_idx" in s:
             idx.append(s["topk_idx"][keep])
             logp.append(s["topk_logp"][keep])
+        if TEMPERED_LSE in s:
+            lse.append(s[TEMPERED_LSE][keep])
     batch = {
         "input_ids": input_ids,
         "attention_mask": mask,
@@ -168,6 +173,8 @@ def collate(samples: list[dict], *, pad_id: int) -> dict:
     if idx:
         batch["topk_idx"] = _cat_padded(idx, -1).to(torch.int32)
         batch["topk_logp"] = _cat_padded(logp, float("-inf")).float()
+    if lse:
+        batch[TEMPERED_LSE] = torch.cat(lse).float()
     if "sample_idx" in samples[0]:
         from kdengine.train.sampled_targets import collate_draws
 

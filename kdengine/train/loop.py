@@ -187,11 +187,11 @@ class Trainer:
         cfg = self.cfg
         if cfg.store is not None:
             return StoreSource(cfg.store, tail=cfg.tail, temperature=cfg.temperature, loss_impl=cfg.loss_impl,
-                               divergence=cfg.divergence, beta=cfg.beta)
+                               divergence=cfg.divergence, beta=cfg.beta, approx_tempered_tail=cfg.approx_tempered_tail)
         device = torch.device(cfg.teacher_device) if cfg.teacher_device else self.info.device
         return OnlineSource(teacher=cfg.teacher, data=cfg.data, device=device, dtype=cfg.teacher_dtype,
                             chat=cfg.chat, max_length=cfg.max_length, top_k=cfg.online_top_k, tail=cfg.tail,
-                            loss_impl=cfg.loss_impl, divergence=cfg.divergence, beta=cfg.beta,
+                            temperature=cfg.temperature, loss_impl=cfg.loss_impl, divergence=cfg.divergence, beta=cfg.beta,
                             progress=self.info.is_main)
 
     def _hidden_pairs(self, student_config) -> list[tuple[int, int]]:

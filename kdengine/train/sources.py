@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from kdengine.store.format import TEMPERED_LSE, tempered_lse_column
 from kdengine.train.data import collate
 from kdengine.train.errors import TrainError
 from kdengine.train.guard import check_student_matches_store
@@ -30,17 +31,19 @@ from kdengine.train.model import TargetLogits, decoder_layers
 
 
 class SparseTargets:
-    """The teacher's top-k ids int32 [N, K] and log-probs float32 [N, K], on the student's device.
+    """The teacher's top-k ids int32 [N, K] and log-probs float32 [N, K], on the student's device; with
+    the tail at T != 1 also c_T float32 [N] for the exact tempered tail (None: the one-token approximation,
+    which the sources allow only behind --approx-tempered-tail).
 
     `loss` takes the student's logits; `loss_linear` (when `can_fuse`) the head's input and weight
     instead, through `linear_loss_fn` (`sparse_kl_linear`), with the same keywords and result."""
 
     def __init__(self, topk_idx: torch.Tensor, topk_logp: torch.Tensor, *, tail: bool, loss_fn,
                  divergence: str = "fkl", beta: float = 0.5, hidden: list[torch.Tensor] | None = None,
-                 linear_loss_fn=None):
+                 tempered_lse: torch.Tensor | None = None, linear_loss_fn=None):
         self.topk_idx, self.topk_logp = topk_idx, topk_logp
+        self.tempered_lse = tempered_lse
         self.hidden = hidden
-        self.tempered_lse = None  # float32 [N]: the teacher's tempered log-normaliser, when known
         self._tail, self._loss_fn, self._linear_loss_fn = tail, loss_fn, linear_loss_fn
         self._divergence, self._beta = divergence, beta
 
@@ -120,7 +123,7 @@ class StoreSource:
     (RS-KD, `sampled_targets.SampledTargets`)."""
 
     def __init__(self, path: str, *, tail: bool, temperature: float, loss_impl: str, divergence: str = "fkl",
-                 beta: float = 0.5):
+                 beta: float = 0.5, approx_tempered_tail: bool = False):
         self.path = path
         self.store = _open_store(path)
         self.num_samples = len(self.store)
@@ -139,6 +142,16 @@ class StoreSource:
         self._loss_impl = loss_impl
         self._loss_fn, self._linear_loss_fn = sparse_kl_function(loss_impl), sparse_kl_linear_function(loss_impl)
         self._divergence, self._beta = divergence, beta
+        self._lse_column = None
+        if self._sampled_tau is None and tail and temperature != 1:
+            self._lse_column = tempered_lse_column(self.store.sections, temperature)
+            if self._lse_column is None and not approx_tempered_tail:
+                held = self.store.sections.get(TEMPERED_LSE, {}).get("params", {}).get("temperatures", [])
+                raise TrainError(
+                    f"store {path} holds no c_T for --temperature {temperature:g} (it holds "
+                    f"{', '.join(f'{t:g}' for t in held) or 'none'}), so the tempered tail is unknown: re-dump with "
+                    f"`kdengine dump ... --temperatures {temperature:g}`, train at a temperature the store holds, or "
+                    "pass --approx-tempered-tail to treat the tail mass as one token (understates the tempered tail)")
 
     def check_student(self, student_dir: str, tokenizer, vocab: int) -> None:
         from kdengine.teachers import tokenizer_fingerprint
@@ -162,8 +175,10 @@ class StoreSource:
 
             return SampledTargets(batch, proposal_temperature=self._sampled_tau,
                                   loss_fn=sampled_kl_reference if self._loss_impl == "reference" else sampled_kl)
+        lse = None if self._lse_column is None else batch[TEMPERED_LSE][:, self._lse_column].contiguous()
         return SparseTargets(batch["topk_idx"], batch["topk_logp"], tail=self._tail, loss_fn=self._loss_fn,
-                             divergence=self._divergence, beta=self._beta, linear_loss_fn=self._linear_loss_fn)
+                             divergence=self._divergence, beta=self._beta, tempered_lse=lse,
+                             linear_loss_fn=self._linear_loss_fn)
 
 
 class OnlineSource:
@@ -172,8 +187,8 @@ class OnlineSource:
     its logits there (dense), or not even that past the top-k selection (--online-top-k K)."""
 
     def __init__(self, *, teacher: str, data: str, device: torch.device, dtype: str | None, chat: bool,
-                 max_length: int | None, top_k: int, tail: bool, loss_impl: str = "kernel", divergence: str = "fkl",
-                 beta: float = 0.5, progress: bool):
+                 max_length: int | None, top_k: int, tail: bool, temperature: float = 1.0, loss_impl: str = "kernel",
+                 divergence: str = "fkl", beta: float = 0.5, progress: bool):
         from kdengine.corpus import CorpusError, check_corpus, tokenize_corpus
         from kdengine.teachers import TeacherError, load_teacher
 
@@ -202,6 +217,8 @@ class OnlineSource:
         self._teacher_path = teacher
         self._top_k, self._tail, self._loss_fn = top_k, tail, sparse_kl_function(loss_impl)
         self._linear_loss_fn = sparse_kl_linear_function(loss_impl)
+        # the tail at T != 1 needs c_T, which the full logits give exactly
+        self._temperatures = (temperature,) if tail and temperature != 1 else ()
         self._divergence, self._beta = divergence, beta
         self._head = TargetLogits(self.teacher.model)
         self._head.check_matches_full_forward(self.probe_ids(0)[None, :16].to(self.device))
@@ -259,9 +276,10 @@ class OnlineSource:
         dev = batch["rows"].device
         hidden = None if hidden is None else [h.to(dev) for h in hidden]
         if self._top_k:
-            top = topk_logprobs(logits, self._top_k)
+            top = topk_logprobs(logits, self._top_k, temperatures=self._temperatures)
+            lse = None if top.tempered_lse is None else top.tempered_lse[:, 0].to(dev)
             return SparseTargets(top.idx.to(dev), top.logp.to(dev), tail=self._tail, loss_fn=self._loss_fn,
-                                 divergence=self._divergence, beta=self._beta, hidden=hidden,
+                                 divergence=self._divergence, beta=self._beta, hidden=hidden, tempered_lse=lse,
                                  linear_loss_fn=self._linear_loss_fn)
         return DenseTargets(logits.to(dev), divergence=self._divergence, beta=self._beta, hidden=hidden)
 
