@@ -7,9 +7,9 @@ training process on the same batches (`--teacher`, online). The loop sees one in
 
 and a Targets object computes the loss against the student's logits (`loss`; where `can_fuse`, also
 `loss_linear` against the output head's input and weight, never forming the logits), its KD and CE
-parts, the held-out KD and the teacher's top-1, whatever the targets are: sparse top-k (from the store, or taken from the
-online teacher's logits on the fly; both go to the same `sparse_kl` kernel, so they differ only by the
-store's codec) or the teacher's full distribution (online dense KD, `dense_kl`).
+parts, the held-out KD and the teacher's top-1, whatever the targets are: sparse top-k (from the
+store, or taken from the online teacher's logits on the fly; both go to the same `sparse_kl` kernel,
+so they differ only by the store's codec) or the teacher's full distribution (online dense KD, `dense_kl`).
 
 Online, the corpus is read, tokenized and given target positions exactly as `kdengine dump` does
 (`kdengine.corpus`, the teacher's tokenizer, --chat and --max-length), so a store dumped from the same
