@@ -56,8 +56,9 @@ def build_tokenizer(out_dir, vocab_size=384):
     return fast
 
 
-def build_model(out_dir, tokenizer, *, layers=2, hidden=64, seed=0):
-    """A random-init Llama over `tokenizer`'s vocabulary, saved with save_pretrained (safetensors)."""
+def build_model(out_dir, tokenizer, *, layers=2, hidden=64, seed=0, tied=False):
+    """A random-init Llama over `tokenizer`'s vocabulary, saved with save_pretrained (safetensors);
+    `tied`: the output head is the embedding matrix."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,7 +74,7 @@ def build_model(out_dir, tokenizer, *, layers=2, hidden=64, seed=0):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config)
     # Random init gives near-uniform logits; a wider spread makes top-k order and tails meaningful.

@@ -161,6 +161,7 @@ def test_training_from_a_sampled_store(sampled, tiny_model_dir, tmp_path):
     train_main([*base, "--out", str(tmp_path / "run"), "--steps", "4"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all(np.isfinite(r["loss"]) for r in records)
+    assert not any(r["fused_head"] for r in records)  # sampled_kl has no fused form: logits, with a note
     evals = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert evals and all(np.isfinite(e["eval_kd"]) for e in evals)
     assert (tmp_path / "run" / "final" / "config.json").exists()

@@ -136,6 +136,7 @@ def test_two_gloo_processes_match_one(store_dir, student_dir, tmp_path, mode):
     extra = ["--fsdp"] if mode == "fsdp" else []
     _torchrun(_args(student_dir, store_dir, tmp_path / "two", *common, "--grad-accum", 2, *extra), nproc=2)
     one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
+    assert all(r["fused_head"] for r in one + two)  # FSDP: the head's weight is the root unit's, used in its forward
     assert [r["targets"] for r in two] == [r["targets"] for r in one]
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final", atol=1e-5)

@@ -70,3 +70,12 @@ def test_a_config_that_is_not_a_mapping_and_a_missing_required_key(tmp_path, cap
     with pytest.raises(SystemExit):
         parse_config(["--config", str(path)])
     assert "missing option --out (or `out:` in a --config file)" in capsys.readouterr().err
+
+
+def test_fused_head_is_automatic_unless_switched_on_or_off(tmp_path):
+    required = ["--student", "s", "--store", "d", "--out", "o"]
+    assert [parse_config([*required, *flag]).fused_head for flag in ([], ["--fused-head"], ["--no-fused-head"])] \
+        == [None, True, False]
+    path = _write(tmp_path, "fused-head: false\n")
+    assert parse_config(["--config", str(path), *required]).fused_head is False
+    assert parse_config(["--config", str(path), *required, "--fused-head"]).fused_head is True

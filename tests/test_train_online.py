@@ -136,6 +136,7 @@ def test_online_top_k_run_matches_the_store_run(tiny_model_dir, corpus, raw_stor
           *map(str, common)])
     main(_online(student, tiny_model_dir, corpus, tmp_path / "online", "--online-top-k", K, *common))
     a, b = _records(tmp_path / "store"), _records(tmp_path / "online")
+    assert all(r["fused_head"] for r in a + b)
     assert [r["targets"] for r in a] == [r["targets"] for r in b]
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
     ea, eb = _records(tmp_path / "store", "eval"), _records(tmp_path / "online", "eval")
@@ -147,6 +148,7 @@ def test_dense_run_learns_and_exports(tiny_model_dir, corpus, student, tmp_path)
     evals = _records(tmp_path, "eval")
     assert evals[-1]["eval_kd"] < 0.8 * evals[0]["eval_kd"], evals
     m = _records(tmp_path)
+    assert not any(r["fused_head"] for r in m)  # dense KD has no fused loss: it trains on the logits
     assert {"loss", "kd", "ce"} <= m[0].keys() and "hidden" not in m[0]
     assert m[-1]["loss"] == pytest.approx(0.9 * m[-1]["kd"] + 0.1 * m[-1]["ce"], rel=1e-5)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "final").config.num_hidden_layers == 1
@@ -201,6 +203,17 @@ def test_feature_kd_resume_is_exact_and_projections_stay_out_of_the_export(tiny_
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     assert not (tmp_path / "straight" / "final" / PROJECTIONS_FILE).exists()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "final").config.hidden_size == 32
+
+
+def test_feature_kd_with_the_fused_head_takes_the_steps_of_the_logits(tiny_model_dir, corpus, narrow_student,
+                                                                       tmp_path):
+    flags = ["--steps", 3, "--online-top-k", K, "--tail", "--temperature", 2, "--alpha", 0.8, "--hidden-weight", 0.5]
+    main(_online(narrow_student, tiny_model_dir, corpus, tmp_path / "fused", *flags))
+    main(_online(narrow_student, tiny_model_dir, corpus, tmp_path / "logits", *flags, "--no-fused-head"))
+    fused, logits = _records(tmp_path / "fused"), _records(tmp_path / "logits")
+    assert [r["fused_head"] for r in fused] == [True] * 3 and not any(r["fused_head"] for r in logits)
+    for key in ("loss", "kd", "hidden"):
+        assert [r[key] for r in fused] == pytest.approx([r[key] for r in logits], rel=1e-5), key
 
 
 def _cli_error(*args) -> str:

@@ -37,10 +37,11 @@ FORMAT_VERSION = 2  # 1: torch.save pickles (trainer.pt, optimizer.pt), no longe
 _STEP_DIR = re.compile(r"step-(\d{8})")
 _TMP_PREFIX = ".tmp-"
 # Fields whose change makes a resumed run see other data (a different batch order or held-out split):
-# a resume refuses them. Every other changed field is a warning, except these that change nothing:
+# a resume refuses them. Every other changed field is a warning, except these that change nothing
+# (fused_head: the same loss and gradients, computed without the [N, V] logits):
 DATA_ORDER_FIELDS = ("seed", "batch_tokens", "eval_fraction")
 _NEUTRAL_FIELDS = {"resume", "stop_after", "workers", "keep_checkpoints", "log_every", "eval_every", "save_every",
-                   "report_to", "config_file"}
+                   "report_to", "config_file", "fused_head"}
 
 
 @dataclass

@@ -63,8 +63,12 @@ def _click_option(spec: OptionSpec) -> click.Option:
     m = spec.meta
     text = m["help"]
     kwargs: dict = dict(group=m["group"], callback=_check(spec), default=None)
-    if spec.kind is bool:
-        kwargs.update(is_flag=True, default=None, flag_value=True)
+    names = [spec.flag, spec.name]
+    if spec.kind is bool and spec.default is False:
+        kwargs.update(is_flag=True, flag_value=True)
+    elif spec.kind is bool:  # on by default or decided automatically: it also needs an off switch
+        names[0] = f"{spec.flag}/--no-{spec.flag.removeprefix('--')}"
+        kwargs.update(is_flag=True)
     else:
         if m["choices"] is not None and spec.kind is not list:  # a list's items are checked after comma-splitting
             kwargs["type"] = click.Choice([str(c) for c in m["choices"]])
@@ -79,7 +83,7 @@ def _click_option(spec: OptionSpec) -> click.Option:
         elif spec.default is not None and "(default" not in text:
             shown = ",".join(spec.default) if spec.kind is list else spec.default
             text += f" (default {shown})"
-    return _GroupedOption([spec.flag, spec.name], help=text, **kwargs)
+    return _GroupedOption(names, help=text, **kwargs)
 
 
 def _config_option() -> click.Option:

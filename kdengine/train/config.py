@@ -34,7 +34,8 @@ def option(
 
     Args:
         default: the value when neither the command line nor a config file sets it; omit it for a
-            required option. A bool field is an on/off flag (`--tail`).
+            required option. A bool field is an on flag (`--tail`); one whose default is not False
+            (`bool | None` with None = decide automatically) also gets its off switch (`--no-fused-head`).
         group: the `--help` section (one of GROUPS).
         help: the flag's help text; "(default ...)" is appended from `default`.
         choices: the allowed values (for a list field: of each element).
@@ -103,6 +104,12 @@ class TrainConfig:
                          help="jsd mixture weight: m = beta * teacher + (1 - beta) * student")
     loss_impl: str = option("kernel", group="loss", choices=("kernel", "reference"),
                             help="kernel: the compiled sparse KL op; reference: the pure-torch spec (slow; for checks)")
+    fused_head: bool | None = option(None, group="loss",
+                                     help="compute the output head inside the top-k loss (sparse_kl_linear, chunked "
+                                          "over rows), never forming the [N, V] logits; --no-fused-head forms them. "
+                                          "Default: fused where it can be, else logits with a one-line note (dense "
+                                          "online KD, sampled stores, --loss-impl reference, a head with LoRA "
+                                          "dropout or extra logit processing); --fused-head makes that an error")
 
     # online teacher: runs in the training process under no_grad, on the same batches (replicated on
     # every rank); the corpus gets the tokens and target positions `kdengine dump` would give it

@@ -104,7 +104,8 @@ class Projections(nn.Module):
 
 class StudentWithHidden(TargetLogits):
     """TargetLogits that also returns the student's hidden states at the pairs' layers, projected to the
-    teacher's width: forward(...) -> (logits [N, V], [hidden [N, D_teacher] per pair])."""
+    teacher's width: forward(...) -> (logits [N, V] or what `fused_loss` returns, [hidden [N, D_teacher]
+    per pair])."""
 
     def __init__(self, model: nn.Module, pairs: list[tuple[int, int]], teacher_width: int):
         super().__init__(model)
@@ -112,15 +113,20 @@ class StudentWithHidden(TargetLogits):
         self.projections = Projections(len(pairs), model.config.hidden_size, teacher_width)
         self._outputs = LayerOutputs(decoder_layers(model), self._student_layers)
 
-    def forward(self, input_ids, attention_mask, rows):
-        logits = super().forward(input_ids, attention_mask, rows)
+    def forward(self, input_ids, attention_mask, rows, fused_loss=None):
+        out = super().forward(input_ids, attention_mask, rows, fused_loss)
         hidden = [self.projections(j, self._outputs.take(s, rows)) for j, s in enumerate(self._student_layers)]
         self._outputs.clear()
-        return logits, hidden
+        return out, hidden
 
     def check_matches_full_forward(self, input_ids: torch.Tensor) -> None:
         TargetLogits(self.model).check_matches_full_forward(input_ids)
         self._outputs.clear()
+
+    def fused_head_problem(self, input_ids: torch.Tensor) -> str | None:
+        problem = TargetLogits(self.model).fused_head_problem(input_ids)
+        self._outputs.clear()
+        return problem
 
 
 def hidden_loss_rows(student: list[torch.Tensor], teacher: list[torch.Tensor], kind: str) -> torch.Tensor:

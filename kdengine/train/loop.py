@@ -82,6 +82,9 @@ class Trainer:
         self._metrics = None
         self._lock = None
         self._created_out = False
+        self._loss_checked = False  # the loss validates its inputs until one step has run
+        self._noted_unfusable_targets = False
+        self._fused_last = False  # whether the latest micro-batch ran the fused head
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -130,8 +133,10 @@ class Trainer:
                 feature_kd.load_projections(head, resume_from)
         else:
             head = TargetLogits(self.hf_model)
-        probe = self.source.probe_ids(train_ids[0])[:16]
-        head.check_matches_full_forward(probe[None].to(info.device))
+        probe = self.source.probe_ids(train_ids[0])[:16][None].to(info.device)
+        head.check_matches_full_forward(probe)
+        self._feature_kd = bool(pairs)
+        self.fused_head = self._head_fuses(head, probe)
         self.module = wrap_model(head, decoder_layers(self.hf_model), info, fsdp=cfg.fsdp)
         self.module.train()
         self.optimizer = build_optimizer(self.module, cfg)
@@ -156,6 +161,26 @@ class Trainer:
                 f"positions/s on this machine (measured now), so they feed up to ~"
                 f"{self.decode_rate * max(cfg.workers, 1):,.0f}/s; time a step waits shows as data_wait in the log"
             )
+
+    def _head_fuses(self, head, probe: torch.Tensor) -> bool:
+        """Whether the loss may take the head's input and weight (--fused-head, default on where the head
+        is a linear map the fused op reproduces; see `TargetLogits.fused_head_problem`)."""
+        if self.cfg.fused_head is False:
+            return False
+        problem = head.fused_head_problem(probe)
+        if problem is not None:
+            self._fused_head_unavailable(problem)
+        return problem is None
+
+    def _fused_head_unavailable(self, reason: str) -> None:
+        """Falls back to the logits with a note, or refuses when --fused-head was asked for explicitly.
+
+        Raises:
+            TrainError: --fused-head was given.
+        """
+        if self.cfg.fused_head:
+            raise TrainError(f"--fused-head: {reason}; drop --fused-head to compute the logits instead")
+        self._say(f"fused head off: {reason}; computing the [N, V] logits instead")
 
     def _open_source(self):
         """The targets' source: the store, or the online teacher (on --teacher-device, else the student's)."""
@@ -317,6 +342,7 @@ class Trainer:
                 window.tokens += batch["tokens"]
             grad_norm = self._clip()
             self.optimizer.step()
+            self._loss_checked = True  # this step's inputs passed the loss's data checks
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -349,10 +375,18 @@ class Trainer:
         cfg, dev = self.cfg, self.info.device
         b = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         targets = self.source.targets(b)
-        with self._autocast():
-            logits, hidden = _split_outputs(self.module(b["input_ids"], b["attention_mask"], b["rows"]))
-        loss, parts = targets.loss(logits, b["labels"], alpha=cfg.alpha, temperature=cfg.temperature,
-                                   with_parts=with_parts)
+        validate = not self._loss_checked
+        inputs = (b["input_ids"], b["attention_mask"], b["rows"])
+        self._fused_last = self._targets_fuse(targets)
+        if self._fused_last:  # the loss runs inside the module's forward, on the head's input and weight
+            with self._autocast():
+                out = self.module(*inputs, self._fused_loss(targets, b["labels"], with_parts, validate))
+            (loss, parts), hidden = _split_outputs(out, self._feature_kd)
+        else:
+            with self._autocast():
+                logits, hidden = _split_outputs(self.module(*inputs), self._feature_kd)
+            loss, parts = targets.loss(logits, b["labels"], alpha=cfg.alpha, temperature=cfg.temperature,
+                                       with_parts=with_parts, validate=validate)
         out = torch.zeros(4, dtype=torch.float64, device=dev)
         if hidden is not None:
             feature = feature_kd.hidden_loss_rows(hidden, targets.hidden, cfg.hidden_loss).sum()
@@ -364,6 +398,27 @@ class Trainer:
         if parts is not None:
             out[1:3] = parts
         return out
+
+    def _targets_fuse(self, targets) -> bool:
+        """Whether this micro-batch runs the fused head: the head allows it and the targets have a fused
+        loss (`targets.can_fuse`; not dense online KD, a sampled store or --loss-impl reference)."""
+        if not self.fused_head:
+            return False
+        if not targets.can_fuse and not self._noted_unfusable_targets:
+            self._noted_unfusable_targets = True
+            self._fused_head_unavailable(f"{type(targets).__name__} has no fused-head loss (dense online KD, "
+                                         "a sampled-target store and --loss-impl reference take logits)")
+        return targets.can_fuse
+
+    def _fused_loss(self, targets, labels: torch.Tensor, with_parts: bool, validate: bool):
+        """The training module's `fused_loss`: (hidden, weight, bias, softcap) -> (loss, parts)."""
+        cfg = self.cfg
+
+        def loss(hidden, weight, bias, softcap):
+            return targets.loss_linear(hidden, weight, labels, alpha=cfg.alpha, temperature=cfg.temperature,
+                                       with_parts=with_parts, bias=bias, softcap=softcap, validate=validate)
+
+        return loss
 
     def _clip(self) -> torch.Tensor:
         """Clips the global gradient norm; returns the norm before clipping (a 0-dim tensor)."""
@@ -399,7 +454,8 @@ class Trainer:
         for j, batch in enumerate(_batches(_loader(self.eval_data, keys, self.cfg.workers, info, self._lock))):
             b = {k: v.to(info.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with self._autocast():
-                logits, _ = _split_outputs(self.module(b["input_ids"], b["attention_mask"], b["rows"]))
+                logits, _ = _split_outputs(self.module(b["input_ids"], b["attention_mask"], b["rows"]),
+                                           self._feature_kd)
             if j >= len(mine) or b["targets"] == 0:
                 continue
             targets = self.source.targets(b)
@@ -433,6 +489,7 @@ class Trainer:
             "ce": sums[2].item() / n,
             "divergence": self.cfg.divergence,
             "beta": self.cfg.beta,
+            "fused_head": self._fused_last,
             **({"hidden": sums[3].item() / n} if self.cfg.hidden_weight else {}),
             "lr": lr,
             "grad_norm": float(grad_norm),
@@ -640,9 +697,10 @@ class _MetricsLog:
         self._sinks = []
 
 
-def _split_outputs(out) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """(logits, projected hidden states or None): the training module returns the pair with feature KD."""
-    return out if isinstance(out, tuple) else (out, None)
+def _split_outputs(out, feature_kd: bool) -> tuple:
+    """(logits or the fused loss's result, projected hidden states or None): the training module returns
+    the pair with feature KD."""
+    return out if feature_kd else (out, None)
 
 
 def _decode_rate(store, sample_ids) -> float:

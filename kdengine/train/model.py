@@ -68,11 +68,69 @@ def tied_aliases(model: torch.nn.Module) -> set[str]:
     return aliases
 
 
+class HeadNotFusable(Exception):
+    """The output head is not a linear map (+ bias, softcap) that `sparse_kl_linear` can take; str(exc) says why."""
+
+
+def linear_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       softcap: float | None) -> torch.Tensor:
+    """hidden @ weight.T (+ bias), then softcap * tanh(logits / softcap): the head as `sparse_kl_linear`
+    computes it."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+def head_weights(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [V, H], bias [V] or None) with head(x) == x @ weight.T + bias.
+
+    An nn.Linear gives its own parameters (a tied head: the embedding matrix itself, so its gradient
+    adds into the one tensor); a peft LoRA linear gives base + scaling * B @ A, formed at each call so
+    that gradients reach A and B.
+
+    Raises:
+        HeadNotFusable: any other module, or LoRA with dropout, a variant (DoRA) or its own bias.
+    """
+    if type(head) is torch.nn.Linear:
+        return head.weight, head.bias
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        LoraLinear = ()
+    if not isinstance(head, LoraLinear):
+        raise HeadNotFusable(f"the output head is a {type(head).__name__}, not an nn.Linear or a LoRA linear")
+    base = head.get_base_layer()
+    if type(base) is not torch.nn.Linear or head.merged or head.disable_adapters:
+        raise HeadNotFusable("the LoRA output head is merged, disabled or not over an nn.Linear")
+    weight = base.weight
+    for name in head.active_adapters:
+        if name not in head.lora_A.keys():
+            continue
+        dropout = head.lora_dropout[name]
+        if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+            raise HeadNotFusable(f"LoRA dropout {dropout.p} on the output head drops the adapter's input only, "
+                                 "which no single weight expresses (--lora-dropout 0 lets it fuse)")
+        if name in head.lora_variant or head.lora_bias.get(name):
+            raise HeadNotFusable("the LoRA output head has a variant (DoRA) or its own bias")
+        weight = weight + head.get_delta_weight(name).to(weight.dtype)
+    return weight, base.bias
+
+
+def _in_autocast_dtype(*tensors):
+    """The tensors cast to the autocast dtype when autocast is on for their device (as nn.Linear sees
+    its input and weight under autocast); None stays None."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 class TargetLogits(torch.nn.Module):
     """Student logits at selected positions only: decoder -> gather rows -> output head.
 
     The full [B, L, V] logits of a padded batch are never formed; the head runs on the N rows that have
-    a teacher target, which saves (B * L - N) x V of compute and memory.
+    a teacher target, which saves (B * L - N) x V of compute and memory. Given `fused_loss`, not even
+    the [N, V] logits are formed: the loss takes the head's input and weight (`sparse_kl_linear`).
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -80,19 +138,32 @@ class TargetLogits(torch.nn.Module):
         self.model = model
         self._softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rows: torch.Tensor,
+                fused_loss=None):
         """
         Args:
             input_ids, attention_mask: int64 [B, L], right-padded.
             rows: int64 [N], indices into the flattened B * L positions.
+            fused_loss: None, or a callable (hidden [N, H], weight [V, H], bias [V] or None, softcap) ->
+                anything, given the head's inputs in the compute dtype; called inside this forward, so
+                that DDP and FSDP see the head's weight used here (FSDP gathers it once per call).
         Returns:
-            logits [N, V] in the head's compute dtype.
+            logits [N, V] in the head's compute dtype, or what `fused_loss` returns.
         """
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-        logits = self.model.get_output_embeddings()(hidden.flatten(0, 1).index_select(0, rows))
+        hidden = self._target_hidden(input_ids, attention_mask, rows)
+        head = self.model.get_output_embeddings()
+        if fused_loss is not None:
+            weight, bias = head_weights(head)
+            return fused_loss(*_in_autocast_dtype(hidden, weight, bias), self._softcap)
+        logits = head(hidden)
         if self._softcap:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
+
+    def _target_hidden(self, input_ids, attention_mask, rows) -> torch.Tensor:
+        """The decoder's final hidden states [N, H] at the flattened `rows`."""
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        return hidden.flatten(0, 1).index_select(0, rows)
 
     def check_matches_full_forward(self, input_ids: torch.Tensor) -> None:
         """Compares against the model's own forward on one short sequence, so that an architecture with
@@ -101,17 +172,48 @@ class TargetLogits(torch.nn.Module):
         Raises:
             TrainError: the two disagree.
         """
-        mask = torch.ones_like(input_ids)
-        rows = torch.arange(input_ids.numel(), device=input_ids.device)
-        was_training = self.training
-        self.eval()  # no dropout (LoRA's) in the comparison
-        with torch.no_grad():
-            ours = self(input_ids, mask, rows)
-            reference = self.model(input_ids=input_ids, attention_mask=mask).logits.flatten(0, 1)
-        self.train(was_training)
-        if not torch.allclose(ours.float(), reference.float(), atol=1e-4, rtol=1e-4):
+        mask, rows = torch.ones_like(input_ids), torch.arange(input_ids.numel(), device=input_ids.device)
+        ours, reference = self._compare_without_dropout(lambda: self(input_ids, mask, rows), input_ids)
+        if not _close(ours, reference):
             raise TrainError(
                 f"{type(self.model).__name__}: decoder + output head does not reproduce the model's logits "
-                f"(max diff {(ours.float() - reference.float()).abs().max():.3g}); this architecture post-processes "
+                f"(max diff {_max_diff(ours, reference):.3g}); this architecture post-processes "
                 "its logits in a way the trainer does not know"
             )
+
+    def fused_head_problem(self, input_ids: torch.Tensor) -> str | None:
+        """Why the fused loss cannot stand in for this model's head, or None: the head is not a linear map
+        `head_weights` knows, or decoder + `linear_head_logits` (the fused op's composition: weight, bias,
+        the config's final_logit_softcapping) does not reproduce the model's own logits on `input_ids`."""
+        try:
+            head_weights(self.model.get_output_embeddings())
+        except HeadNotFusable as exc:
+            return str(exc)
+        mask, rows = torch.ones_like(input_ids), torch.arange(input_ids.numel(), device=input_ids.device)
+
+        def composed():
+            return self(input_ids, mask, rows, fused_loss=lambda h, w, b, c: linear_head_logits(h, w, b, c))
+
+        ours, reference = self._compare_without_dropout(composed, input_ids)
+        if not _close(ours, reference):
+            return (f"{type(self.model).__name__}'s logits are not its head's weight, bias and softcap applied to "
+                    f"the decoder's output (max diff {_max_diff(ours, reference):.3g})")
+        return None
+
+    def _compare_without_dropout(self, ours, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ours(), the model's full-forward logits [L, V]) in eval mode (no LoRA dropout), under no_grad."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            mine = ours()
+            reference = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits.flatten(0, 1)
+        self.train(was_training)
+        return mine, reference
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a.float(), b.float(), atol=1e-4, rtol=1e-4)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())

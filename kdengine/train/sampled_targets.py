@@ -30,6 +30,8 @@ class SampledTargets:
     """Drawn ids int32 [N, K], counts int32 [N, K] (0 = padding), teacher log-probs at T = 1 float32
     [N, K] and the proposal's log-normaliser float32 [N], on the student's device."""
 
+    can_fuse = False  # sampled_kl has no fused-head form: the loop gives it the student's logits
+
     def __init__(self, batch: dict, *, proposal_temperature: float, loss_fn=sampled_kl):
         self.draws = TeacherDraws(batch["sample_idx"], batch["sample_count"], batch["sample_logp"],
                                   batch["sample_log_norm"])
@@ -40,8 +42,9 @@ class SampledTargets:
         return self._loss_fn(logits, self.draws.ids, self.draws.counts, target, proposal, labels, alpha=alpha,
                              temperature=temperature, reduction=reduction)
 
-    def loss(self, logits, labels, *, alpha: float, temperature: float, with_parts: bool):
-        """(loss summed over rows, [KD sum, CE sum] or None); the parts cost one forward-only evaluation."""
+    def loss(self, logits, labels, *, alpha: float, temperature: float, with_parts: bool, validate: bool = True):
+        """(loss summed over rows, [KD sum, CE sum] or None); the parts cost one forward-only evaluation.
+        `validate` changes nothing: sampled_kl always checks its inputs."""
         loss = self._loss(logits, labels, alpha=alpha, temperature=temperature)
         if not with_parts:
             return loss, None

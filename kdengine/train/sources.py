@@ -5,10 +5,11 @@ training process on the same batches (`--teacher`, online). The loop sees one in
     source.batches(sample_ids_of, pad_id)       a Dataset of collated batches (input ids, rows, labels)
     source.targets(batch) -> Targets            the teacher's side of one micro-batch
 
-and a Targets object computes the loss against the student's logits, its KD and CE parts, the held-out
-KD and the teacher's top-1, whatever the targets are: sparse top-k (from the store, or taken from the
-online teacher's logits on the fly; both go to the same `sparse_kl` kernel, so they differ only by the
-store's codec) or the teacher's full distribution (online dense KD, `dense_kl`).
+and a Targets object computes the loss against the student's logits (`loss`; where `can_fuse`, also
+`loss_linear` against the output head's input and weight, never forming the logits), its KD and CE
+parts, the held-out KD and the teacher's top-1, whatever the targets are: sparse top-k (from the
+store, or taken from the online teacher's logits on the fly; both go to the same `sparse_kl` kernel,
+so they differ only by the store's codec) or the teacher's full distribution (online dense KD, `dense_kl`).
 
 Online, the corpus is read, tokenized and given target positions exactly as `kdengine dump` does
 (`kdengine.corpus`, the teacher's tokenizer, --chat and --max-length), so a store dumped from the same
@@ -32,22 +33,47 @@ from kdengine.train.model import TargetLogits, decoder_layers
 class SparseTargets:
     """The teacher's top-k ids int32 [N, K] and log-probs float32 [N, K], on the student's device; with
     the tail at T != 1 also c_T float32 [N] for the exact tempered tail (None: the one-token approximation,
-    which the sources allow only behind --approx-tempered-tail)."""
+    which the sources allow only behind --approx-tempered-tail).
+
+    `loss` takes the student's logits; `loss_linear` (when `can_fuse`) the head's input and weight
+    instead, through `linear_loss_fn` (`sparse_kl_linear`), with the same keywords and result."""
 
     def __init__(self, topk_idx: torch.Tensor, topk_logp: torch.Tensor, *, tail: bool, loss_fn,
                  divergence: str = "fkl", beta: float = 0.5, hidden: list[torch.Tensor] | None = None,
-                 tempered_lse: torch.Tensor | None = None):
+                 tempered_lse: torch.Tensor | None = None, linear_loss_fn=None):
         self.topk_idx, self.topk_logp = topk_idx, topk_logp
         self.tempered_lse = tempered_lse
         self.hidden = hidden
-        self._tail, self._loss_fn = tail, loss_fn
+        self._tail, self._loss_fn, self._linear_loss_fn = tail, loss_fn, linear_loss_fn
         self._divergence, self._beta = divergence, beta
 
-    def loss(self, logits, labels, *, alpha: float, temperature: float, with_parts: bool):
-        """(loss summed over rows, [KD sum, CE sum] from the same kernel pass, or None)."""
-        result = self._loss_fn(logits, self.topk_idx, self.topk_logp, labels, tail=self._tail, alpha=alpha,
-                               temperature=temperature, divergence=self._divergence, beta=self._beta,
-                               tempered_lse=self.tempered_lse, reduction="sum", return_parts=with_parts)
+    @property
+    def can_fuse(self) -> bool:
+        """Whether `loss_linear` exists (the compiled kernels; not the pure-torch reference)."""
+        return self._linear_loss_fn is not None
+
+    def loss(self, logits, labels, *, alpha: float, temperature: float, with_parts: bool, validate: bool = True):
+        """(loss summed over rows, [KD sum, CE sum] from the same kernel pass, or None); `validate=False`
+        skips the data checks (and their host sync) once a first step has run with them."""
+        result = self._loss_fn(logits, self.topk_idx, self.topk_logp, labels, **self._keywords(
+            alpha=alpha, temperature=temperature, with_parts=with_parts, validate=validate))
+        return self._split(result, with_parts)
+
+    def loss_linear(self, hidden, weight, labels, *, alpha: float, temperature: float, with_parts: bool,
+                    bias=None, softcap: float | None = None, validate: bool = True):
+        """`loss(hidden @ weight.T (+ bias, softcap), ...)` without the [N, V] logits (`sparse_kl_linear`)."""
+        result = self._linear_loss_fn(hidden, weight, self.topk_idx, self.topk_logp, labels, bias=bias,
+                                      softcap=softcap, **self._keywords(alpha=alpha, temperature=temperature,
+                                                                        with_parts=with_parts, validate=validate))
+        return self._split(result, with_parts)
+
+    def _keywords(self, *, alpha, temperature, with_parts, validate) -> dict:
+        return dict(tail=self._tail, alpha=alpha, temperature=temperature, divergence=self._divergence,
+                    beta=self._beta, tempered_lse=self.tempered_lse, reduction="sum", return_parts=with_parts,
+                    validate=validate)
+
+    @staticmethod
+    def _split(result, with_parts: bool):
         if not with_parts:
             return result, None
         return result.loss, torch.stack([result.kd.detach(), result.ce.detach()])
@@ -61,7 +87,10 @@ class SparseTargets:
 
 
 class DenseTargets:
-    """The teacher's logits [N, V_t] at the target rows (online dense KD): the full-vocabulary loss."""
+    """The teacher's logits [N, V_t] at the target rows (online dense KD): the full-vocabulary loss, on
+    the student's logits (no fused head: `dense_kl` has no linear form)."""
+
+    can_fuse = False
 
     def __init__(self, teacher_logits: torch.Tensor, *, divergence: str = "fkl", beta: float = 0.5,
                  hidden: list[torch.Tensor] | None = None):
@@ -71,7 +100,9 @@ class DenseTargets:
         self.hidden = hidden
         self._divergence, self._beta = divergence, beta
 
-    def loss(self, logits, labels, *, alpha: float, temperature: float, with_parts: bool):
+    def loss(self, logits, labels, *, alpha: float, temperature: float, with_parts: bool, validate: bool = True):
+        """(loss summed over rows, [KD sum, CE sum] or None); `validate` changes nothing: dense_kl checks
+        shapes and options only, which costs no host sync."""
         from kdengine.losses.dense_kl import dense_kl_rows
 
         rows = dense_kl_rows(logits, self.teacher_logits, labels, divergence=self._divergence, beta=self._beta,
@@ -109,7 +140,7 @@ class StoreSource:
                                  f"--divergence {divergence} needs a top-k store (`kdengine dump --targets topk`)")
             self._sampled_tau = float(self.store.codec_params["proposal_temperature"])
         self._loss_impl = loss_impl
-        self._loss_fn = sparse_kl_function(loss_impl)
+        self._loss_fn, self._linear_loss_fn = sparse_kl_function(loss_impl), sparse_kl_linear_function(loss_impl)
         self._divergence, self._beta = divergence, beta
         self._lse_column = None
         if self._sampled_tau is None and tail and temperature != 1:
@@ -146,7 +177,8 @@ class StoreSource:
                                   loss_fn=sampled_kl_reference if self._loss_impl == "reference" else sampled_kl)
         lse = None if self._lse_column is None else batch[TEMPERED_LSE][:, self._lse_column].contiguous()
         return SparseTargets(batch["topk_idx"], batch["topk_logp"], tail=self._tail, loss_fn=self._loss_fn,
-                             divergence=self._divergence, beta=self._beta, tempered_lse=lse)
+                             divergence=self._divergence, beta=self._beta, tempered_lse=lse,
+                             linear_loss_fn=self._linear_loss_fn)
 
 
 class OnlineSource:
@@ -184,6 +216,7 @@ class OnlineSource:
         self.hidden_size = self.teacher.model.config.hidden_size
         self._teacher_path = teacher
         self._top_k, self._tail, self._loss_fn = top_k, tail, sparse_kl_function(loss_impl)
+        self._linear_loss_fn = sparse_kl_linear_function(loss_impl)
         # the tail at T != 1 needs c_T, which the full logits give exactly
         self._temperatures = (temperature,) if tail and temperature != 1 else ()
         self._divergence, self._beta = divergence, beta
@@ -246,7 +279,8 @@ class OnlineSource:
             top = topk_logprobs(logits, self._top_k, temperatures=self._temperatures)
             lse = None if top.tempered_lse is None else top.tempered_lse[:, 0].to(dev)
             return SparseTargets(top.idx.to(dev), top.logp.to(dev), tail=self._tail, loss_fn=self._loss_fn,
-                                 divergence=self._divergence, beta=self._beta, hidden=hidden, tempered_lse=lse)
+                                 divergence=self._divergence, beta=self._beta, hidden=hidden, tempered_lse=lse,
+                                 linear_loss_fn=self._linear_loss_fn)
         return DenseTargets(logits.to(dev), divergence=self._divergence, beta=self._beta, hidden=hidden)
 
 
@@ -296,12 +330,27 @@ class _CorpusBatches(Dataset):
 def sparse_kl_function(impl: str):
     """The sparse KL loss: "kernel" (the compiled op) or "reference" (the pure-torch spec)."""
     if impl == "reference":
-        from kdengine.losses.reference import sparse_kl_reference
-
-        return sparse_kl_reference
+        return _reference_loss
     from kdengine.losses import sparse_kl
 
     return sparse_kl
+
+
+def sparse_kl_linear_function(impl: str):
+    """The fused head + sparse KL loss of "kernel" (`sparse_kl_linear`); None for "reference", whose
+    point is the plain composition on the logits."""
+    if impl == "reference":
+        return None
+    from kdengine.losses import sparse_kl_linear
+
+    return sparse_kl_linear
+
+
+def _reference_loss(*args, validate: bool = True, **kwargs):
+    """`sparse_kl_reference`, which checks no data: `validate` (the kernel's data checks) has nothing to skip."""
+    from kdengine.losses.reference import sparse_kl_reference
+
+    return sparse_kl_reference(*args, **kwargs)
 
 
 def _open_store(path: str):
