@@ -22,6 +22,7 @@ from kdengine.train.hidden import PROJECTIONS_FILE, StudentWithHidden, hidden_lo
 from kdengine.train.model import TargetLogits
 from kdengine.train.sources import OnlineSource
 from kdengine.train.student import make_student
+from conftest import assert_same_weights
 
 WORDS = ("apples oranges books cost each dollars how many does she buy sell give left total week day more "
          "less than twice half the a of to and in is was for on that with").split()
@@ -247,8 +248,10 @@ def test_bad_inputs_are_one_line_errors(tiny_model_dir, corpus, raw_store, stude
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_with_feature_kd(tiny_model_dir, corpus, narrow_student, tmp_path):
-    """The teacher replicated per rank, the projections data-parallel like the student."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_with_feature_kd(tiny_model_dir, corpus, narrow_student, tmp_path, mode):
+    """The teacher replicated per rank, the projections data-parallel like the student (DDP), or
+    sharded with it (FSDP)."""
     import os
     import subprocess
     import sys
@@ -259,7 +262,8 @@ def test_two_gloo_processes_match_one_with_feature_kd(tiny_model_dir, corpus, na
     main(_online(narrow_student, tiny_model_dir, corpus, tmp_path / "one", *common, "--grad-accum", 4))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(repo / "scripts" / "train.py"),
-           *_online(narrow_student, tiny_model_dir, corpus, tmp_path / "two", *common, "--grad-accum", 2)]
+           *_online(narrow_student, tiny_model_dir, corpus, tmp_path / "two", *common, "--grad-accum", 2),
+           *(["--fsdp"] if mode == "fsdp" else [])]
     done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -267,6 +271,9 @@ def test_two_gloo_processes_match_one_with_feature_kd(tiny_model_dir, corpus, na
     assert [r["targets"] for r in two] == [r["targets"] for r in one]
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-5)
     assert [r["hidden"] for r in two] == pytest.approx([r["hidden"] for r in one], rel=1e-5)
+    assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final", atol=1e-5)
+    if mode == "fsdp":  # sharded checkpoints keep the projections in the ranks' shards; the hidden losses
+        return          # of steps 2 and 3 above already depend on the projections steps 1 and 2 trained
     a = load_file(str(tmp_path / "one" / "checkpoints" / "step-00000003" / PROJECTIONS_FILE))
     b = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000003" / PROJECTIONS_FILE))
     for key in a:
