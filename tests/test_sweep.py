@@ -117,3 +117,18 @@ def test_config_errors_name_the_file(tmp_path, tiny_model_dir):
     with pytest.raises(EvalError, match="baseline {'method': 'fkl'} matches no setting"):
         load_config(path)
     assert Cell({"method": "ce", "temperature": 2.0}, 1).ident == "method=ce,temperature=2.0,seed=1"
+
+
+def test_bad_cell_flags_fail_before_any_cell_trains_and_bools_are_flags(tmp_path):
+    from kdengine.evals.sweep import check_cells, train_argv
+
+    cfg = {"student": "s", "store": "st", "out": str(tmp_path / "o"), "seeds": [0],
+           "grid": {"method": ["ce", "rkl"]}, "train": {"steps": 3}}
+    with pytest.raises(EvalError, match=r"cell method=rkl,seed=0: `kdengine train .*--divergence rkl` refuses its "
+                                        r"flags \(exit 2\); fix the sweep's train/grid keys .*`tail: true`"):
+        check_cells(cfg)
+    assert not (tmp_path / "o").exists()
+    cfg["train"] = {"steps": 3, "tail": True, "grad_checkpointing": False, "fused_head": False}
+    check_cells(cfg)
+    argv = train_argv(cfg, Cell({"method": "rkl"}, 0), tmp_path / "run")
+    assert "--tail" in argv and "--no-fused-head" in argv and "--grad-checkpointing" not in argv

@@ -81,9 +81,6 @@ def load_config(path: str | Path) -> dict:
     for method in grid["method"]:
         if method != "ce" and method not in KD_METHODS:
             raise EvalError(f"{path}: unknown method {method!r}; expected ce or one of {', '.join(KD_METHODS)}")
-    if any(m in ("rkl", "jsd") for m in grid["method"]) and not trainer_has_divergence():
-        raise EvalError(f"{path}: methods rkl/jsd need `kdengine train --divergence`, which this build's trainer "
-                        "does not have; sweep ce and fkl only")
     if not isinstance(cfg["seeds"], list) or not cfg["seeds"]:
         raise EvalError(f"{path}: seeds must be a non-empty list of integers")
     settings = grid_settings(grid)
@@ -95,12 +92,6 @@ def load_config(path: str | Path) -> dict:
     cfg.setdefault("train", {})
     cfg.setdefault("gsm8k", {})
     return cfg
-
-
-def trainer_has_divergence() -> bool:
-    from kdengine.train.config import spec_of
-
-    return spec_of("divergence") is not None
 
 
 def grid_settings(grid: dict) -> list[dict]:
@@ -120,15 +111,39 @@ def train_argv(cfg: dict, cell: Cell, run_dir: Path) -> list[str]:
         if key == "method":
             if value == "ce":
                 flags["alpha"] = 0.0
-            elif trainer_has_divergence():
+            else:
                 flags["divergence"] = value
         else:
             flags[key] = value
     argv = ["--student", str(cfg["student"]), "--store", str(cfg["store"]), "--out", str(run_dir),
             "--seed", str(cell.seed), "--resume", "--workers", "0"]
+    from kdengine.train.config import spec_of
+
     for key, value in flags.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        if value is True:  # an on/off option: `tail: true` is --tail
+            argv.append(f"--{flag}")
+        elif value is False:  # off: the default of a plain flag, else its --no- form
+            spec = spec_of(key)
+            argv += [] if spec is not None and spec.default is False else [f"--no-{flag}"]
+        else:
+            argv += [f"--{flag}", str(value)]
     return argv
+
+
+def check_cells(cfg: dict) -> None:
+    """Parses every cell's `kdengine train` flags before any cell trains, so that a bad grid or train
+    key fails at once rather than after the cells before it."""
+    from kdengine.train.command import parse_config
+
+    for cell in cells(cfg):
+        argv = train_argv(cfg, cell, Path(cfg["out"]) / "cells" / cell.ident / "run")
+        try:
+            parse_config(argv, prog=f"kdengine sweep ({cell.ident})")
+        except SystemExit as e:  # the trainer printed why
+            raise EvalError(f"cell {cell.ident}: `kdengine train {' '.join(argv)}` refuses its flags (exit {e.code}); "
+                            "fix the sweep's train/grid keys (e.g. --divergence rkl and jsd need `tail: true` "
+                            "under train)") from None
 
 
 def train_cell(cfg: dict, cell: Cell, extra: list[str] = (), progress: bool = True) -> Path:
@@ -155,6 +170,7 @@ def run_sweep(cfg: dict, *, progress: bool = True) -> dict:
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
+    check_cells(cfg)
     skipped, todo = [], []
     for cell in cells(cfg):
         (skipped if (out / "cells" / cell.ident / "result.json").is_file() else todo).append(cell)
