@@ -260,3 +260,23 @@ def test_loss_targets_refuse_temperatures_without_a_normaliser():
     t = draw_targets(torch.randn(3, 20), 4, proposal_temperature=2.0, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="temperature 1 or 2.0 only"):
         loss_targets(t, 2.0, 1.5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.999, 1.0])
+def test_the_trainers_sampled_parts_are_their_own_evaluations(alpha):
+    """KD and CE come from alpha = 1 and alpha = 0 directly (no subtraction that cancels as alpha -> 1)."""
+    from kdengine.sampling import draw_targets
+    from kdengine.train.sampled_targets import SampledTargets
+
+    torch.manual_seed(0)
+    teacher, logits = torch.randn(6, 40), torch.randn(6, 40)
+    d = draw_targets(teacher, 12, generator=torch.Generator().manual_seed(0))
+    batch = {"sample_idx": d.ids, "sample_count": d.counts, "sample_logp": d.logp, "sample_log_norm": d.log_norm}
+    labels = torch.randint(0, 40, (6,))
+    targets = SampledTargets(batch, proposal_temperature=1.0)
+    loss, (kd, ce) = targets.loss(logits, labels, alpha=alpha, temperature=1.0, with_parts=True)
+    want_kd = sampled_kl(logits, d.ids, d.counts, d.logp, None, labels, alpha=1.0, reduction="sum")
+    want_ce = torch.nn.functional.cross_entropy(logits, labels, reduction="sum")
+    torch.testing.assert_close(kd, want_kd, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ce, want_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, alpha * kd + (1 - alpha) * ce, rtol=1e-5, atol=1e-5)

@@ -43,18 +43,19 @@ class SampledTargets:
                              temperature=temperature, reduction=reduction)
 
     def loss(self, logits, labels, *, alpha: float, temperature: float, with_parts: bool, validate: bool = True):
-        """(loss summed over rows, [KD sum, CE sum] or None); the parts cost one forward-only evaluation.
-        `validate` changes nothing: sampled_kl always checks its inputs."""
+        """(loss summed over rows, [KD sum, CE sum] or None). Each part is its own forward-only
+        evaluation (alpha = 1 and alpha = 0; the loss itself is one of them when alpha is 0 or 1), never
+        recovered by subtraction, which cancels badly as alpha -> 1. `validate` changes nothing:
+        sampled_kl always checks its inputs."""
         loss = self._loss(logits, labels, alpha=alpha, temperature=temperature)
         if not with_parts:
             return loss, None
         with torch.no_grad():
-            done = loss.detach()
-            other = self._loss(logits.detach(), labels, alpha=0.0 if alpha == 1.0 else 1.0, temperature=temperature)
-        if alpha == 1.0:
-            return loss, torch.stack([done, other])
-        ce = done if alpha == 0.0 else (done - alpha * other) / (1.0 - alpha)
-        return loss, torch.stack([other, ce])
+            def part(a: float) -> torch.Tensor:
+                return loss.detach() if alpha == a else self._loss(logits.detach(), labels, alpha=a,
+                                                                   temperature=temperature)
+
+            return loss, torch.stack([part(1.0), part(0.0)])
 
     def eval_kd(self, logits: torch.Tensor) -> torch.Tensor:
         """The KD estimate at T = 1 summed over rows (unbiased for the full-vocabulary KL)."""
