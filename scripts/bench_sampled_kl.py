@@ -2,7 +2,7 @@
 
 Prerequisites: the extension built (`python setup.py build_ext --inplace` in a work tree, PYTHONPATH=.).
 
-    flock /work/.heavy.lock python scripts/bench_sampled_kl.py        # CPU: N=2048 V=49152 M=12 float32
+    python scripts/bench_sampled_kl.py        # CPU: N=2048 V=49152 M=12 float32
 
 Variants, alternated in one run on the same logits: `sampled_kl` (C++ kernel; 12 draws per row from
 a random teacher, distinct ids padded to the row maximum), `sparse_kl` top-12 with the tail bucket

@@ -13,7 +13,7 @@ chat, greedy). Every prompt is the one `kdengine eval gsm8k --chat` gives: a use
 Prerequisites: the generated store (`kdengine generate ... --chat --top-k 64`) and the teacher
 directory. A heavy job: run it alone.
 
-    flock /work/.heavy.lock python scripts/generate_vs_dump.py --teacher runs/smollm2_hf \\
+    python scripts/generate_vs_dump.py --teacher runs/smollm2_hf \\
         --generated runs/gen/store_gen --train-data runs/gen/train64.jsonl \\
         --heldout-data /work/shared/data/gsm8k/test.jsonl --heldout 32 --work runs/gen/compare \\
         --out scripts/results/generate_vs_dump.md

