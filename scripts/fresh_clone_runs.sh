@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's first command from a fresh clone, then the efficiency report and a small sweep on its outputs.
-# Prerequisites: git, python3 >= 3.10, PyPI reachable; ~25 min on 2 quiet cores. Run it as a heavy job:
-#   flock /work/.heavy.lock bash scripts/fresh_clone_runs.sh /work/main /tmp/x-evals scripts/results
+# Prerequisites: git, python3 >= 3.10, PyPI reachable; ~25 min on 2 quiet cores. Run it alone on the machine:
+#   bash scripts/fresh_clone_runs.sh /path/to/kdengine /tmp/x-evals scripts/results
 # Writes RESULTS/demo_cpu/ (summary.*, fresh_clone.md), RESULTS/bench_demo/ (report.*), RESULTS/sweep_demo/.
 set -euo pipefail
 src=$1; clone=$2; results=$(realpath "$3")
