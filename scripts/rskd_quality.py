@@ -209,7 +209,7 @@ def _report(args, scores, timings, store_dirs, runs, same_batches) -> None:
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(text)
     Path(args.results).with_suffix(".json").write_text(json.dumps(
-        {"args": vars(args), "scores": scores, "stores": stats, "timings_s": timings}, indent=2) + "\n")
+        {"args": vars(args), "scores": scores, "stores": stats, "timings_s": timings}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":
