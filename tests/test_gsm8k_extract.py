@@ -124,11 +124,11 @@ def test_rule_order_when_every_rule_matches():
 ])
 @pytest.mark.parametrize("cascade", ["original", "gsm8k"])
 def test_long_responses_take_linear_time(name, text, cascade):
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a busy machine does not inflate it
     extract_answer(text, cascade)
     for filter_name in ("strict-match", "flexible-extract"):
         harness_correct(apply_filter(filter_name, text), "#### 18")
-    assert time.perf_counter() - start < 2.0, f"{name}: {len(text)} characters took too long"
+    assert time.process_time() - start < 2.0, f"{name}: {len(text)} characters took too long"
 
 
 def test_parse_reference():
