@@ -197,6 +197,7 @@ def bench_cpu(args):
                 "reference": lambda x, i, lp, kw=kw: sparse_kl_reference(x, i, lp, labels, **kw),
             }
             if args.compiled:
+                torch._dynamo.reset()  # a fresh cache per case: the recompile limit (8) would fall back to eager
                 compiled = torch.compile(sparse_kl_reference, dynamic=False)
                 contenders["compiled reference"] = lambda x, i, lp, kw=kw, f=compiled: f(x, i, lp, labels, **kw)
                 t0 = time.perf_counter()
