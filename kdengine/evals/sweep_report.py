@@ -70,10 +70,16 @@ def _plot_metrics(path: Path, summary: list[dict]) -> None:
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.5 * len(METRICS), 4))
     for ax, metric in zip(axes, METRICS):
         rs = [r for r in summary if r["metric"] == metric]
-        ax.bar(range(len(rs)), [r["mean"] for r in rs], yerr=[_zero(r["ci95"]) for r in rs], capsize=4,
+        means, cis = [r["mean"] for r in rs], [_zero(r["ci95"]) for r in rs]
+        log = metric == "perplexity" and all(m > 0 for m in means)  # spans orders of magnitude; > 0
+        # on a log axis the lower bar stops short of 0 (a CI past 0 says only "as low as it can be")
+        yerr = [[min(c, 0.9 * m) for m, c in zip(means, cis)], cis] if log else cis
+        ax.bar(range(len(rs)), means, yerr=yerr, capsize=4,
                color=["#8c8c8c" if r["setting"] == r["baseline"] else "#4c72b0" for r in rs])
+        if log:
+            ax.set_yscale("log")
         ax.set_xticks(range(len(rs)), [r["setting"] for r in rs], rotation=20, ha="right", fontsize=8)
-        ax.set_title(f"{metric} (mean ± 95% CI)", fontsize=10)
+        ax.set_title(f"{metric} (mean ± 95% CI{', log scale' if log else ''})", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
