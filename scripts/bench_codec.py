@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 from codec_teacher_cache import load_cache  # noqa: E402
 
+from kdengine.evals.bench import cpu_model  # noqa: E402
 from kdengine.store import open_store  # noqa: E402
 from kdengine.store.inspect import store_summary  # noqa: E402
 from kdengine.store.writer import ShardBuilder, StoreHeader, StoreWriter, top_p_counts  # noqa: E402
@@ -173,14 +173,7 @@ def _v1_bytes(summary, store):
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return f"{cpu}, {os.cpu_count()} cores, 1 thread used, load average {load} (1/5/15 min) at the end of the run"
 

@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kdengine.losses import sparse_kl, sparse_kl_linear  # noqa: E402
-from scripts.bench_sparse_kl import cpu_name, write_tables  # noqa: E402
+from kdengine.evals.bench import cpu_model  # noqa: E402
+from scripts.bench_sparse_kl import write_tables  # noqa: E402
 
 OPTIONS = dict(tail=True, alpha=0.5, reduction="sum")
 
@@ -139,7 +140,7 @@ def main():
         f = rows[-1]
         summary.append(f"{dtype_name}: fused fwd+bwd {f['fwd_bwd_ms']} ms = {f['time_vs_unfused']} the unfused time; "
                        f"peak extra memory {f['peak_extra_mib']} MiB = {f['extra_mem_vs_unfused']} of the unfused path's")
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU: {cpu_name()}"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU: {cpu_model()}"
     header = [
         f"N={args.n} rows, H={args.h}, V={args.v}, K={args.k}, chunk_rows={args.chunk_rows}; loss options {OPTIONS} "
         "with labels; the gradients of hidden and weight",

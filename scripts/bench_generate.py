@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from kdengine.decode import Sampling, TopKCapture, decode_batch
+from kdengine.evals.bench import cpu_model
 from kdengine.generate import GenerateConfig, _encode_prompt, generate, read_prompts
 from kdengine.teachers import load_teacher
 
@@ -84,7 +85,7 @@ def main() -> None:
     base = tokens["generation alone"] / min(times["generation alone"])
     base_cpu = tokens["generation alone"] / min(cpu["generation alone"])
     lines_out = [
-        f"CPU: {platform.processor() or platform.machine()} ({_cpu_model()}), torch threads {torch.get_num_threads()}, "
+        f"CPU: {platform.processor() or platform.machine()} ({cpu_model()}), torch threads {torch.get_num_threads()}, "
         f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}",
         f"teacher {args.teacher}, {args.prompts} prompts, batch {args.batch_size}, greedy, max {args.max_new_tokens} "
         f"new tokens, chat={args.chat}, {args.rounds} alternating rounds (best round shown)",
@@ -104,16 +105,6 @@ def main() -> None:
         Path(args.out).write_text("# Generation throughput: the cost of capturing top-k\n\nCommand: `python "
                                   "scripts/bench_generate.py " + " ".join(sys.argv[1:]) + "`\n\n" + table + "\n")
     shutil.rmtree(work, ignore_errors=True)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

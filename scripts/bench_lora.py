@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from kdengine.evals.bench import cpu_model  # noqa: E402
 
 
 def main() -> None:
@@ -88,8 +89,7 @@ def _run(cmd: list[str], fresh: Path | None = None) -> None:
 
 
 def _report(args, rows: dict) -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     import torch
 
     header = (f"CPU: {cpu}; torch threads {torch.get_num_threads()}; load average at the end "

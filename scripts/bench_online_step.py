@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from kdengine.evals.bench import cpu_model  # noqa: E402
 
 PARTS = ("data", "teacher", "student_fwd", "loss", "student_bwd")
 MODES = ("store top-64", "online top-64", "online dense")
@@ -115,8 +116,7 @@ def main() -> None:
 
 def _report(args, per_repeat: dict, medians: dict, tokens: int, batches: list, store) -> None:
     load = os.getloadavg()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.machine())
+    cpu = cpu_model()
     store_total = sum(per_repeat["store top-64"].values())
     lines = [
         "# Online vs store training step, split by part (scripts/bench_online_step.py)",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from kdengine.evals.bench import cpu_model
 from kdengine.losses import sampled_kl, sparse_kl
 from kdengine.losses.sampled_kl import sampled_extension_available
 from kdengine.losses.sampled_reference import sampled_kl_reference
@@ -68,7 +69,7 @@ def main() -> None:
     header = [
         f"shape N={args.n}, V={args.v}, {args.samples} draws per row ({(counts > 0).sum().item() / args.n:.2f} distinct "
         f"ids per row, K={ids.shape[1]} slots), logits float32, T=1, alpha=1",
-        f"CPU: {bench.cpu_name()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}",
+        f"CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}",
         f"median of {args.repeat} runs after 1 warm-up; speedup from process CPU time (all threads)",
         f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
         "peak extra memory: peak RSS beyond what lived before the call, minus the gradient",

@@ -24,7 +24,6 @@ import ctypes
 import csv
 import datetime
 import os
-import platform
 import re
 import statistics
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kdengine.evals.bench import cpu_model
 from kdengine.losses import sparse_kl
 from kdengine.losses.reference import sparse_kl_reference
 from kdengine.losses.sparse_kl import extension_available
@@ -161,13 +161,6 @@ def copy_bandwidth_gbs(nbytes):
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def cpu_name():
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 def write_tables(out_dir, stem, title, header_lines, columns, rows):
     out_dir.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", "", *[f"- {h}" for h in header_lines], "",
@@ -235,7 +228,7 @@ def bench_cpu(args):
     header = [
         f"shape N={n}, V={vocab}, K={k}, logits {', '.join(dtypes)}; modes: "
         + "; ".join(f"{m} = {MODES[m] or 'defaults (no tail, T=1, alpha=1)'}" for m in args.modes.split(",")),
-        f"CPU: {cpu_name()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}",
+        f"CPU: {cpu_model()}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}",
         f"median of {args.repeat} runs after 1 warm-up, contenders alternating run by run; forward+backward "
         f"includes allocating the [N, V] gradient (THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')})",
         "cpu_ms: process CPU time (all threads), less disturbed than wall time on a shared machine",

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from kdengine.evals.bench import cpu_model  # noqa: E402
 
 RUNS = {
     "a": "dense online KD",
@@ -185,15 +186,8 @@ def _run_stats(run_dir: Path) -> dict:
 def _machine() -> dict:
     import torch
 
-    return {"cpu": _cpu_model(), "threads": torch.get_num_threads(),
+    return {"cpu": cpu_model(), "threads": torch.get_num_threads(),
             "load_average": os.getloadavg()}
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def _markdown(r: dict, args) -> str:

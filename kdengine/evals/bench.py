@@ -254,7 +254,7 @@ def run_bench(models: Sequence[str], *, prompts: Sequence[str], out: str | Path,
     cost = distill_cost(distill_runs, cpu_watts=cpu_watts) if distill_runs else None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": _torch_threads(),
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": _torch_threads(),
                "load_average_start": list(os.getloadavg())}
     rows = []
     for i, model in enumerate(models, start=1):
@@ -291,7 +291,8 @@ def _measure_in_subprocess(model: str, prompts: Sequence[str], **options) -> dic
         return json.loads(result.read_text())
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo), else what platform knows; for every benchmark's header."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
