@@ -1,0 +1,88 @@
+"""The `sqrt_ac` coder against frames stored by the coder of commit 41310ea (tests/fixtures/coder_v2):
+every change to the coder's speed must decode exactly the same rows and encode byte-identical bodies."""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch  # noqa: F401  (kdengine._C links against torch's libraries)
+from safetensors import safe_open
+
+from kdengine import _C
+from kdengine.store.codec import _FRAME_HEADER, _TAG
+
+FRAMES = Path(__file__).parent / "fixtures" / "coder_v2" / "frames.safetensors"
+
+
+def _fixture():
+    with safe_open(str(FRAMES), framework="numpy") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}, f.metadata()
+
+
+TENSORS, META = _fixture()
+CASES = sorted({name.split("/")[0] for name in TENSORS})
+
+
+def _digest(ids, levels, tail, counts):
+    h = hashlib.sha256()
+    for a in (ids, levels, tail) + (() if counts is None else (counts,)):
+        h.update(np.ascontiguousarray(a, np.int32).tobytes())
+    return h.hexdigest()
+
+
+def _coder(case):
+    k, vocab, ragged = (int(META[f"{case}/{key}"]) for key in ("k", "vocab", "ragged"))
+    prior = TENSORS[f"{case}/prior"].astype(np.uint32)
+    return _C.TopKCoder(k, vocab, int(META["max_level"]), prior, bool(ragged))
+
+
+def _frames(case):
+    for j in range(int(META[f"{case}/frames"])):
+        tokens = TENSORS[f"{case}/{j}/tokens"]
+        prev = tokens[:-2].copy()
+        prev[0] = -1
+        yield j, TENSORS[f"{case}/{j}/body"].tobytes(), (tokens[1:-1], prev, tokens[2:])
+
+
+def test_the_fixture_covers_what_it_says():
+    assert set(CASES) == {"fixed", "ragged", "k1_v16", "halving"}
+    rows = TENSORS["halving/0/tokens"].size - 2
+    assert rows * 64 * 1024 + TENSORS["halving/prior"].sum() > 1 << 29  # the weight table is halved
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stored_frames_decode_to_the_same_rows(case):
+    coder = _coder(case)
+    for j, body, context in _frames(case):
+        assert _digest(*coder.decode(body, *context)) == META[f"{case}/{j}/decoded_sha256"], f"{case} frame {j}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_decoded_rows_encode_to_the_stored_bytes(case):
+    coder = _coder(case)
+    for j, body, context in _frames(case):
+        ids, levels, tail, counts = coder.decode(body, *context)
+        again = coder.encode(ids, levels, tail, *context, counts)
+        assert again == body, f"{case} frame {j}: the body differs from the stored one"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_batch_decoder_gives_the_same_rows(case):
+    coder = _coder(case)
+    frames = list(_frames(case))
+    tag = _TAG["sqrt_ac_ragged" if coder.ragged else "sqrt_ac"]
+    payload, frame_offsets, row_offsets = b"", [0], [0]
+    contexts = [[], [], []]
+    for _, body, context in frames:
+        rows = context[0].size
+        payload += _FRAME_HEADER.pack(tag, int(META[f"{case}/k"]), rows, len(body)) + body
+        frame_offsets.append(len(payload))
+        row_offsets.append(row_offsets[-1] + rows)
+        for c, part in zip(contexts, context):
+            c.append(part)
+    ids, levels, tail, counts = coder.decode_frames(
+        np.frombuffer(payload, np.uint8), tag, np.array(frame_offsets, np.int64), np.array(row_offsets, np.int64),
+        *(np.concatenate(c).astype(np.int32) for c in contexts))
+    for (j, _, _), a, b in zip(frames, row_offsets[:-1], row_offsets[1:]):
+        part = (ids[a:b], levels[a:b], tail[a:b], None if counts is None else counts[a:b])
+        assert _digest(*part) == META[f"{case}/{j}/decoded_sha256"], f"{case} frame {j}"
