@@ -7,7 +7,8 @@ problems in chat format, held out the next --eval-problems. Every student trains
 batches, seed and learning rate, alpha = 1 (pure KD), T = 1:
   top-64 + tail    `kdengine dump --top-k 64`, trained with --tail
   top-12 + tail    `kdengine dump --top-k 12`, trained with --tail
-  sampled-12       `kdengine dump --targets sample --samples 12` (12 draws per position from the teacher)
+  sampled-M        `kdengine dump --targets sample --samples M` (M draws per position from the teacher;
+                   one store per M in --samples; the table shows the distinct ids they keep)
   dense KD         `train --teacher T --data train.jsonl --chat` (online dense KD), run with the kdengine
                    checkout given by --dense-code (the online teacher's code, e.g. before it lands here);
                    its per-step target counts must equal the store runs' (same batches; checked, printed)
@@ -49,7 +50,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--batch-tokens", type=int, default=1024)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--samples", type=int, default=12)
+    p.add_argument("--samples", type=lambda v: [int(x) for x in v.split(",")], default=[12],
+                   help="draws per position of each sampled store, comma-separated (12,64: two stores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dense-code", type=Path, default=None,
                    help="a kdengine checkout whose `train` has the online --teacher (dense KD); none: no dense row")
@@ -73,9 +75,9 @@ def main() -> None:
         make_student(teacher_path, layers=args.layers, layer_map="uniform", out=str(student))
         timings["make-student"] = time.time() - t0
 
-    stores = {"top-64 + tail": ["--top-k", "64"], "top-12 + tail": ["--top-k", "12"],
-              f"sampled-{args.samples}": ["--targets", "sample", "--samples", str(args.samples),
-                                          "--seed", str(args.seed)]}
+    stores = {"top-64 + tail": ["--top-k", "64"], "top-12 + tail": ["--top-k", "12"]}
+    for draws in args.samples:
+        stores[f"sampled-{draws}"] = ["--targets", "sample", "--samples", str(draws), "--seed", str(args.seed)]
     store_dirs = {}
     for name, opts in stores.items():
         d = out / ("store-" + name.split()[0])
