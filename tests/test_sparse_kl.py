@@ -385,3 +385,45 @@ def test_falls_back_to_reference_with_one_warning(monkeypatch):
     assert torch.equal(sparse_kl(logits, idx.int(), logp, labels.int(), tail=True, alpha=0.5), want)
     with pytest.raises(SparseKLError, match="row 2 holds NaN"):
         sparse_kl(_set(logits, 2, float("nan")), idx, logp, labels)
+
+
+_FP16_PATHS = """
+import sys, torch
+from kdengine.losses import sparse_kl
+torch.manual_seed(0)
+n, v, k = 24, 5000, 16
+x = (torch.randn(n, v) * 4).half()
+x[0, :8] = torch.tensor([65504.0, -65504.0, 6e-8, -6e-8, 3e-5, 0.0, -0.0, 1e-4]).half()  # max, subnormals, zeros
+x[1] += 20  # gradients far below 1: fp16 subnormals
+idx = torch.rand(n, v).argsort(1)[:, :k].int()
+logp = torch.log_softmax(torch.randn(n, k), -1)
+labels = torch.randint(0, v, (n,))
+out = {}
+for name, kw in (("fkl", {}), ("tail_ce_t2", dict(tail=True, alpha=0.5, temperature=2.0))):
+    xi = x.clone().requires_grad_()
+    loss = sparse_kl(xi, idx, logp, labels, reduction="none", **kw)
+    loss.backward(torch.linspace(0.5, 2.0, n))
+    out[name + "_loss"], out[name + "_grad"] = loss.detach(), xi.grad
+torch.save(out, sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not extension_available(), reason="needs the compiled extension")
+def test_fp16_hardware_and_bit_level_conversions_agree_bit_for_bit(tmp_path):
+    """fp16 rows convert in hardware (F16C) where the CPU has it, else bit by bit: the same bits."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = []
+    for env in ({}, {"KDENGINE_NO_F16C": "1"}):
+        path = tmp_path / f"out{len(results)}.pt"
+        subprocess.run([sys.executable, "-c", _FP16_PATHS, str(path)], check=True,
+                       env={**os.environ, "PYTHONPATH": root, **env})
+        results.append(torch.load(path, weights_only=True))
+    hardware, bits = results
+    assert hardware.keys() == bits.keys()
+    for name in hardware:
+        assert torch.equal(hardware[name].view(torch.int16) if hardware[name].dtype == torch.half else hardware[name],
+                           bits[name].view(torch.int16) if bits[name].dtype == torch.half else bits[name]), name
+    assert (hardware["fkl_grad"][1] != 0).any() and (hardware["fkl_grad"][1].abs() < 6.1e-5).any()  # subnormal grads
