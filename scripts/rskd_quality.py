@@ -53,6 +53,9 @@ def main() -> None:
     p.add_argument("--samples", type=lambda v: [int(x) for x in v.split(",")], default=[12],
                    help="draws per position of each sampled store, comma-separated (12,64: two stores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="run",
+                   help="prefix of the run directories under --out: a new tag trains again on the same stores "
+                        "(e.g. with more --steps)")
     p.add_argument("--dense-code", type=Path, default=None,
                    help="a kdengine checkout whose `train` has the online --teacher (dense KD); none: no dense row")
     p.add_argument("--results", default=str(REPO / "scripts" / "results" / "rskd_quality.md"))
@@ -90,13 +93,15 @@ def main() -> None:
     runs = {}
     for name, d in store_dirs.items():
         extra = ["--tail"] if name.startswith("top") else []
-        runs[name] = _train(args, student, out / ("run-" + name.split()[0]), ["--store", str(d), *extra], timings, name)
+        runs[name] = _train(args, student, out / f"{args.tag}-{name.split()[0]}", ["--store", str(d), *extra], timings,
+                            name)
     same_batches = None
     if args.dense_code is not None:
         runs["dense KD (online teacher)"] = _train(
-            args, student, out / "run-dense", ["--teacher", teacher_path, "--data", str(train_file), "--chat"], timings,
+            args, student, out / f"{args.tag}-dense",
+            ["--teacher", teacher_path, "--data", str(train_file), "--chat"], timings,
             "dense KD", code=args.dense_code.resolve())
-        same_batches = _steps(out / "run-dense") == _steps(out / "run-top-64")
+        same_batches = _steps(out / f"{args.tag}-dense") == _steps(out / f"{args.tag}-top-64")
         print(f"dense run: per-step targets {'equal' if same_batches else 'DIFFERENT'} to the store runs'", flush=True)
 
     t0 = time.time()
