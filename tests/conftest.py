@@ -191,3 +191,16 @@ def assert_same_weights(a, b, atol=1e-6):
     assert wa.keys() == wb.keys()
     for key in wa:
         assert torch.allclose(wa[key], wb[key], atol=atol, rtol=1e-5), key
+
+
+def rows_digest(ids, levels, tail, counts) -> str:
+    """SHA-256 of a coder's decoded rows (int32 ids, levels, tail and, for ragged coders, counts):
+    tests/fixtures/coder_v2 stores it for each frame."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for a in (ids, levels, tail) + (() if counts is None else (counts,)):
+        h.update(np.ascontiguousarray(a, np.int32).tobytes())
+    return h.hexdigest()

@@ -1,6 +1,5 @@
 """The `sqrt_ac` coder against frames stored by the coder of commit 41310ea (tests/fixtures/coder_v2):
 every change to the coder's speed must decode exactly the same rows and encode byte-identical bodies."""
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +7,7 @@ import pytest
 import torch  # noqa: F401  (kdengine._C links against torch's libraries)
 from safetensors import safe_open
 
+from conftest import rows_digest
 from kdengine import _C
 from kdengine.store.codec import _FRAME_HEADER, _TAG
 
@@ -21,13 +21,6 @@ def _fixture():
 
 TENSORS, META = _fixture()
 CASES = sorted({name.split("/")[0] for name in TENSORS})
-
-
-def _digest(ids, levels, tail, counts):
-    h = hashlib.sha256()
-    for a in (ids, levels, tail) + (() if counts is None else (counts,)):
-        h.update(np.ascontiguousarray(a, np.int32).tobytes())
-    return h.hexdigest()
 
 
 def _coder(case):
@@ -54,7 +47,7 @@ def test_the_fixture_covers_what_it_says():
 def test_stored_frames_decode_to_the_same_rows(case):
     coder = _coder(case)
     for j, body, context in _frames(case):
-        assert _digest(*coder.decode(body, *context)) == META[f"{case}/{j}/decoded_sha256"], f"{case} frame {j}"
+        assert rows_digest(*coder.decode(body, *context)) == META[f"{case}/{j}/decoded_sha256"], f"{case} frame {j}"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -85,4 +78,4 @@ def test_the_batch_decoder_gives_the_same_rows(case):
         *(np.concatenate(c).astype(np.int32) for c in contexts))
     for (j, _, _), a, b in zip(frames, row_offsets[:-1], row_offsets[1:]):
         part = (ids[a:b], levels[a:b], tail[a:b], None if counts is None else counts[a:b])
-        assert _digest(*part) == META[f"{case}/{j}/decoded_sha256"], f"{case} frame {j}"
+        assert rows_digest(*part) == META[f"{case}/{j}/decoded_sha256"], f"{case} frame {j}"
