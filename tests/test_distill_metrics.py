@@ -8,7 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kdengine.corpus import load_corpus
-from kdengine.evals.distill import _position_sums, distill_metrics
+import numpy as np
+
+from kdengine.evals.distill import _position_terms, distill_metrics, distill_sample_sums, paired_bootstrap
 from kdengine.teachers import load_teacher
 
 QA = [("How many apples are left?", "5 - 2 = 3 apples.\n#### 3"),
@@ -70,10 +72,10 @@ def test_uniform_student_matches_the_closed_form(teacher, samples, tiny_model_di
         assert metrics["teacher"].perplexity == pytest.approx(math.exp(nll / n), rel=1e-5)
 
 
-def test_position_sums_on_a_hand_computed_pair():
+def test_position_terms_on_a_hand_computed_pair():
     t = torch.tensor([[0.75, 0.25], [0.5, 0.5]]).log()
     s = torch.tensor([[0.5, 0.5], [0.9, 0.1]]).log()
-    kl, agree, nll, reverse = _position_sums(t, s, torch.tensor([1, 0]))
+    kl, agree, nll, reverse = _position_terms(t, s, torch.tensor([1, 0])).sum(0).tolist()
     expected_kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5) + 0.5 * math.log(0.5 / 0.9) \
         + 0.5 * math.log(0.5 / 0.1)
     assert kl == pytest.approx(expected_kl, rel=1e-6)
@@ -93,3 +95,33 @@ def test_errors(teacher, samples, tiny_model_dir):
         distill_metrics(teacher, {"teacher": narrow}, samples, progress=False)
     with pytest.raises(ValueError, match="no target positions"):
         distill_metrics(teacher, {}, [], progress=False)
+
+
+def test_sample_sums_rescore_resamples_and_the_bootstrap_brackets_a_real_difference(teacher, samples, tiny_model_dir):
+    """Weights of ones reproduce distill_metrics; a weight of 2 on one sample equals scoring a list with
+    that sample twice; the paired interval of a model against itself is exactly 0, and that of the
+    uniform student against a copy of the teacher lies wholly above 0 and brackets the point estimate."""
+    same = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    uniform = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        uniform.lm_head.weight.zero_()
+    students = {"copy": same, "uniform": uniform}
+    sums = distill_sample_sums(teacher, students, samples, batch_size=2, progress=False)
+    metrics = distill_metrics(teacher, students, samples, batch_size=3, progress=False)
+    for name in metrics:
+        for field, value in vars(sums[name].metrics()).items():
+            assert value == pytest.approx(getattr(metrics[name], field), rel=1e-6, abs=1e-9), (name, field)
+    doubled = distill_metrics(teacher, {"uniform": uniform}, [*samples, samples[1]], progress=False)["uniform"]
+    weights = np.ones(len(samples))
+    weights[1] = 2
+    reweighted = sums["uniform"].metrics(weights)
+    assert reweighted.positions == doubled.positions
+    for field in ("kl_to_teacher", "top1_agreement", "perplexity", "ece_to_teacher"):
+        assert getattr(reweighted, field) == pytest.approx(getattr(doubled, field), rel=1e-6), field
+    assert paired_bootstrap(sums["copy"], sums["copy"], "kl_to_teacher", resamples=50) == (0.0, 0.0, 0.0)
+    diff, lo, hi = paired_bootstrap(sums["copy"], sums["uniform"], "kl_to_teacher", resamples=200)
+    assert 0 < lo <= diff <= hi
+    assert diff == pytest.approx(metrics["uniform"].kl_to_teacher - metrics["copy"].kl_to_teacher, rel=1e-6)
+    assert paired_bootstrap(sums["copy"], sums["uniform"], "kl_to_teacher", resamples=200) == (diff, lo, hi)
+    with pytest.raises(ValueError, match="unknown metric"):
+        paired_bootstrap(sums["copy"], sums["uniform"], "accuracy")
