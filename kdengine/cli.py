@@ -157,7 +157,7 @@ temperatures_option = click.option(
 
 
 def target_options(command):
-    """`--targets`, `--samples` and `--proposal-temperature`: what a new store keeps per position
+    """`--targets`, `--samples`, `--proposal-temperature` and `--exact-top`: what a new store keeps per position
     (dump's and generate's; `store_top_k` checks them against --top-k)."""
     for option in reversed([
         click.option("--targets", type=click.Choice(["topk", "sample"]), default="topk", show_default=True,
@@ -169,6 +169,10 @@ def target_options(command):
         click.option("--proposal-temperature", type=float, default=1.0, show_default=True,
                      help="With --targets sample: draw from softmax(log p / X); the store then trains unbiasedly "
                           "at temperature 1 (importance weights) or X (plain counts)."),
+        click.option("--exact-top", type=click.IntRange(0, 255), default=0, show_default=True,
+                     help="With --targets sample: keep the teacher's H most likely ids exactly and make the "
+                          "--samples draws from the rest of the vocabulary (unbiased, with far less variance "
+                          "where the head holds most of the mass; needs --proposal-temperature 1)."),
     ]):
         command = option(command)
     return command
@@ -229,8 +233,8 @@ def store_top_k(targets: str, top_k: int | None) -> int:
               help="This process's rank (with --world-size); default: torchrun's RANK, else 0.")
 @click.option("--world-size", type=int, default=None,
               help="Number of dump processes; each takes every W-th shard. Default: torchrun's WORLD_SIZE, else 1.")
-def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed, backend, max_length, batch_size,
-         shard_samples, device, dtype, gpu_split, chat, skip_bad_lines, codec, top_p, temperatures, rank, world_size):
+def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, exact_top, seed, backend, max_length,
+         batch_size, shard_samples, device, dtype, gpu_split, chat, skip_bad_lines, codec, top_p, temperatures, rank, world_size):
     """Run a teacher over a corpus and store its top-k next-token log-probs (or, with --targets sample,
     ids sampled from its next-token distribution) at every target position."""
     from kdengine.corpus import CorpusError
@@ -239,10 +243,10 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, seed
     from kdengine.store import StoreError
     from kdengine.teachers import TeacherError
 
-    cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=store_top_k(targets, top_k), targets=targets, samples=samples,
-                     proposal_temperature=proposal_temperature, seed=seed, backend=backend, max_length=max_length,
-                     batch_size=batch_size, shard_samples=shard_samples, device=device, dtype=dtype, chat=chat,
-                     skip_bad_lines=skip_bad_lines, codec=codec, top_p=top_p, temperatures=temperatures,
+    cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=store_top_k(targets, top_k), targets=targets,
+                     samples=samples, proposal_temperature=proposal_temperature, exact_top=exact_top, seed=seed,
+                     backend=backend, max_length=max_length, batch_size=batch_size, shard_samples=shard_samples,
+                     device=device, dtype=dtype, chat=chat, skip_bad_lines=skip_bad_lines, codec=codec, top_p=top_p, temperatures=temperatures,
                      rank=rank, world_size=world_size, backend_opts=backend_opts(backend, gpu_split))
     try:
         s = run_dump(cfg)

@@ -118,22 +118,23 @@ class SampleCapture:
     """`samples` draws per position from the teacher's T = 1 distribution tempered by
     `proposal_temperature` (kdengine.sampling.draw_targets), row i from its own generator seeded with
     `seeds[i]` (made on the logits' device at the first step): a response's draws depend on its seed
-    alone, not on its batch-mates. Each row is padded to `samples` slots with count 0, as TeacherDraws
-    pads, so the rows of a response stack."""
+    alone, not on its batch-mates. Each row is padded to `samples` (+ `exact_top`) slots with count 0,
+    as TeacherDraws pads, so the rows of a response stack."""
 
-    def __init__(self, samples: int, proposal_temperature: float, seeds: Sequence[int]):
+    def __init__(self, samples: int, proposal_temperature: float, seeds: Sequence[int], exact_top: int = 0):
         self.samples, self.proposal_temperature, self.seeds = samples, float(proposal_temperature), list(seeds)
+        self.exact_top = exact_top
         self._generators: list[torch.Generator] | None = None
 
     def take(self, logits: torch.Tensor, active: Sequence[bool]) -> tuple[np.ndarray, ...]:
         if self._generators is None:
             self._generators = [torch.Generator(device=logits.device).manual_seed(s) for s in self.seeds]
-        n, m = logits.shape[0], self.samples
+        n, m = logits.shape[0], self.samples + self.exact_top
         ids, counts = np.zeros((n, m), np.int32), np.zeros((n, m), np.int32)
         logp, log_norm = np.zeros((n, m), np.float32), np.zeros(n, np.float32)
         for row in (r for r in range(n) if active[r]):
-            d = draw_targets(logits[row:row + 1], m, proposal_temperature=self.proposal_temperature,
-                             generator=self._generators[row])
+            d = draw_targets(logits[row:row + 1], self.samples, proposal_temperature=self.proposal_temperature,
+                             exact_top=self.exact_top, generator=self._generators[row])
             k = d.ids.shape[1]
             ids[row, :k], counts[row, :k], logp[row, :k] = d.ids[0].numpy(), d.counts[0].numpy(), d.logp[0].numpy()
             log_norm[row] = d.log_norm[0].item()

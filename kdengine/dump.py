@@ -54,6 +54,7 @@ class DumpConfig:
     targets: str = "topk"  # or "sample": `samples` draws per position (RS-KD), codec `sampled`
     samples: int = 12
     proposal_temperature: float = 1.0
+    exact_top: int = 0  # with targets="sample": the teacher's H most likely ids kept exactly, draws off them
     seed: int = 0
     top_p: float | None = None  # adaptive K: keep the smallest prefix with this mass, at most top_k entries
     temperatures: tuple[float, ...] = ()  # also store c_T per position for each (FORMAT.md, "Section tempered_lse")
@@ -124,7 +125,7 @@ def dump(cfg: DumpConfig, *, teacher=None) -> DumpSummary:
     sampled = cfg.targets == "sample"
     codec, k, codec_params = store_targets(cfg.targets, top_k=cfg.top_k, codec=cfg.codec, samples=cfg.samples,
                                            proposal_temperature=cfg.proposal_temperature, seed=cfg.seed,
-                                           error=DumpError)
+                                           exact_top=cfg.exact_top, error=DumpError)
     if cfg.top_p is not None:
         if not 0 < cfg.top_p <= 1:
             raise DumpError(f"--top-p must be in (0, 1], got {cfg.top_p}")
@@ -183,7 +184,8 @@ def _write(cfg, writer, teacher, header, corpus, rank, world_size, context_lengt
     def targets(chunk):
         if sampled:
             items = teacher_draws(teacher, chunk_samples[chunk], cfg.samples, cfg.batch_size,
-                                  proposal_temperature=cfg.proposal_temperature, seed=cfg.seed)
+                                  proposal_temperature=cfg.proposal_temperature, exact_top=cfg.exact_top,
+                                  seed=cfg.seed)
         else:
             items = teacher_topk(teacher, chunk_samples[chunk], cfg.top_k, cfg.batch_size,
                                  temperatures=cfg.temperatures)
@@ -235,10 +237,13 @@ def teacher_topk(teacher, samples: Sequence[Sample], k: int, batch_size: int, *,
 
 
 def store_targets(targets: str, *, top_k: int, codec: str, samples: int, proposal_temperature: float, seed: int,
-                  error: type[Exception]) -> tuple[str, int, dict]:
+                  error: type[Exception], exact_top: int = 0) -> tuple[str, int, dict]:
     """(codec, k, codec params) of a new store with `--targets` `targets`, after checking the options
     (dump's and generate's one definition): topk keeps `top_k` entries with `codec`; sample keeps
-    `samples` draws per position with the sampled codec, whose params record the draws' settings."""
+    `samples` draws per position (after an exact head of `exact_top` ids) with the sampled codec, whose
+    params record the draws' settings."""
+    if exact_top and targets != "sample":
+        raise error(f"--exact-top applies to --targets sample only, got --targets {targets}")
     if targets not in TARGET_MODES:
         raise error(f"--targets must be one of {', '.join(TARGET_MODES)}, got {targets!r}")
     if targets == "sample":
@@ -246,9 +251,12 @@ def store_targets(targets: str, *, top_k: int, codec: str, samples: int, proposa
             raise error(f"--samples must be in [1, 255], got {samples}")
         if not 0 < proposal_temperature < float("inf"):
             raise error(f"--proposal-temperature must be a finite number > 0, got {proposal_temperature}")
-        codec, k = SAMPLED_CODEC, samples
+        if not 0 <= exact_top <= 255 or (exact_top and proposal_temperature != 1):
+            raise error(f"--exact-top must be in [0, 255] and needs --proposal-temperature 1, got {exact_top} "
+                        f"with --proposal-temperature {proposal_temperature}")
+        codec, k = SAMPLED_CODEC, samples + exact_top
         params = {"samples": samples, "proposal_temperature": float(proposal_temperature), "seed": int(seed),
-                  "zstd_level": 3}
+                  "zstd_level": 3, **({"exact_top": exact_top} if exact_top else {})}
     elif codec not in codec_names():
         raise error(f"unknown codec {codec!r}; choose one of {', '.join(codec_names())}")
     else:

@@ -90,6 +90,7 @@ class GenerateConfig:
     targets: str = "topk"  # or "sample": `samples` draws per position (RS-KD), codec `sampled`, as for dump
     samples: int = 12
     proposal_temperature: float = 1.0
+    exact_top: int = 0  # with targets="sample": the teacher's H most likely ids kept exactly, draws off them
     temperatures: tuple[float, ...] = ()  # store c_T for each (as `kdengine dump --temperatures`); not sampling
     rank: int | None = None
     world_size: int | None = None
@@ -157,6 +158,7 @@ def generate(cfg: GenerateConfig, *, teacher=None) -> GenerateSummary:
     _check_settings(cfg)
     codec, k, codec_params = store_targets(cfg.targets, top_k=cfg.top_k, codec=cfg.codec, samples=cfg.samples,
                                            proposal_temperature=cfg.proposal_temperature, seed=cfg.seed,
+                                           exact_top=cfg.exact_top,
                                            error=GenerateError)
     sections = temperature_sections(cfg.temperatures, sampled=cfg.targets == "sample", error=GenerateError)
     lines = read_prompts(cfg.data, needs_reference=cfg.keep_correct == "gsm8k")
@@ -250,7 +252,7 @@ class _Run:
             generators = [None if self.sampling.greedy else response_generator(cfg.seed, self.lines[p].id, j)
                           for p, j in batch]
             capture = (SampleCapture(cfg.samples, cfg.proposal_temperature,
-                                     [sample_seed(cfg.seed, self._index(p, j)) for p, j in batch])
+                                     [sample_seed(cfg.seed, self._index(p, j)) for p, j in batch], cfg.exact_top)
                        if self.sampled else self.topk)
             started = time.perf_counter()
             decoded = decode_batch(self.teacher, [self.prompt_ids[p] for p, _ in batch], generators,
@@ -347,7 +349,7 @@ class _Run:
         if self.sampled:
             generator = torch.Generator(device=logits.device).manual_seed(sample_seed(self.cfg.seed, index))
             return draw_targets(logits, self.cfg.samples, proposal_temperature=self.cfg.proposal_temperature,
-                                generator=generator)
+                                exact_top=self.cfg.exact_top, generator=generator)
         top = topk_logprobs(logits, self.cfg.top_k, temperatures=self.cfg.temperatures)
         return topk_targets(top.idx.cpu().numpy(), top.logp.cpu().numpy(),
                             None if top.tempered_lse is None else top.tempered_lse.cpu().numpy())

@@ -9,6 +9,8 @@ batches, seed and learning rate, alpha = 1 (pure KD), T = 1:
   top-12 + tail    `kdengine dump --top-k 12`, trained with --tail
   sampled-M        `kdengine dump --targets sample --samples M` (M draws per position from the teacher;
                    one store per M in --samples; the table shows the distinct ids they keep)
+  top-H exact + sampled-M  `--targets sample --samples M --exact-top H` (the teacher's H most likely ids
+                   kept exactly, M draws off them), one store per H+M in --exact-head
   dense KD         `train --teacher T --data train.jsonl --chat` (online dense KD), run with the kdengine
                    checkout given by --dense-code (the online teacher's code, e.g. before it lands here);
                    its per-step target counts must equal the store runs' (same batches; checked, printed)
@@ -53,6 +55,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--samples", type=lambda v: [int(x) for x in v.split(",")], default=[12],
                    help="draws per position of each sampled store, comma-separated (12,64: two stores)")
+    p.add_argument("--exact-head", type=lambda v: [tuple(int(x) for x in a.split("+")) for a in v.split(",")],
+                   default=[], help="comma list of H+M: a store with an exact head of H ids and M draws off it, "
+                                    "e.g. 4+12,8+12")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="run",
                    help="prefix of the run directories under --out: a new tag trains again on the same stores "
@@ -82,6 +87,9 @@ def main() -> None:
     stores = {"top-64 + tail": ["--top-k", "64"], "top-12 + tail": ["--top-k", "12"]}
     for draws in args.samples:
         stores[f"sampled-{draws}"] = ["--targets", "sample", "--samples", str(draws), "--seed", str(args.seed)]
+    for head, draws in args.exact_head:
+        stores[f"top-{head}-exact+sampled-{draws}"] = ["--targets", "sample", "--samples", str(draws), "--exact-top",
+                                                      str(head), "--seed", str(args.seed)]
     store_dirs = {}
     for name, opts in stores.items():
         d = out / ("store-" + name.split()[0])
@@ -93,7 +101,7 @@ def main() -> None:
 
     runs = {}
     for name, d in store_dirs.items():
-        extra = ["--tail"] if name.startswith("top") else []
+        extra = ["--tail"] if name.endswith("+ tail") else []
         runs[name] = _train(args, student, out / f"{args.tag}-{name.split()[0]}", ["--store", str(d), *extra], timings,
                             name)
     same_batches = None

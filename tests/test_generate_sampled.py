@@ -162,3 +162,22 @@ def test_bad_combinations_are_refused_in_one_line(tiny_model_dir, tmp_path, flag
     (err,) = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert result.exit_code == code and message in err and "Traceback" not in result.output, result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_generate_with_an_exact_head_stores_the_head_then_the_replayable_draws(tiny_model_dir, tmp_path,
+                                                                              teacher):  # noqa: F811
+    cfg = _cfg(tiny_model_dir, _gsm8k(tmp_path / "q.jsonl"), tmp_path / "head", **DECODING,
+               targets="sample", samples=M, exact_top=2, top_k=1)
+    generate(cfg, teacher=teacher)
+    assert open_store(cfg.out).codec_params["exact_top"] == 2 and verify_store(cfg.out).ok
+    for s in _samples(cfg.out)[:3]:
+        ids, positions = s["input_ids"], s["positions"]
+        with torch.inference_mode():
+            logits = teacher.logits(ids[None], torch.tensor([len(ids)]))[0, positions]
+        generator = torch.Generator().manual_seed(sample_seed(SEED, s["index"]))
+        for row in range(len(positions)):
+            want = draw_targets(logits[row:row + 1], M, exact_top=2, generator=generator)
+            k = want.ids.shape[1]
+            assert s["sample_idx"][row, :k].tolist() == want.ids[0].tolist()
+            assert s["sample_count"][row, :k].tolist() == want.counts[0].tolist()
+            assert s["sample_count"][row, :2].tolist() == [1, 1] and int(s["sample_count"][row].sum()) == M + 2

@@ -169,3 +169,72 @@ def test_training_from_a_sampled_store(sampled, tiny_model_dir, tmp_path):
         train_main([*base, "--out", str(tmp_path / "t2"), "--steps", "1", "--temperature", "2"])
     with pytest.raises(TrainError, match="no tail bucket; drop --tail"):
         train_main([*base, "--out", str(tmp_path / "tail"), "--steps", "1", "--tail"])
+
+
+def test_exact_head_codec_round_trip_and_refusals():
+    codec = SampledCodec(k=6, vocab_size=100, samples=4, exact_top=2)
+    assert codec.params["exact_top"] == 2 and "exact_top" not in SampledCodec(k=4, vocab_size=100, samples=4).params
+    ids = np.array([[3, 9, 50, 7, 0, 0], [1, 2, 5, 6, 7, 8]])  # head first (ascending), then the draws
+    counts = np.array([[1, 1, 3, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    logp = np.array([[-0.2, -1.0, -3.0, -4.0, 0, 0], [-1, -1.5, -3, -4, -5, -6.0]])
+    frame = codec.encode(ids, counts, logp, np.array([-1.25, -0.75]))
+    assert frame[:2] == b"S2"
+    got_ids, got_counts, got_logp, got_norm = codec.decode(frame)
+    assert got_ids.tolist() == [[3, 9, 7, 50, 0, 0], [1, 2, 5, 6, 7, 8]]  # draws ascending after the head
+    assert got_counts.tolist() == [[1, 1, 1, 3, 0, 0], [1, 1, 1, 1, 1, 1]]
+    assert np.abs(got_logp - [[-0.2, -1.0, -4.0, -3.0, 0, 0], [-1, -1.5, -3, -4, -5, -6]]).max() <= 1 / 2048
+    assert got_norm.tolist() == [-1.25, -0.75]
+    with pytest.raises(CodecError, match="not the 'sampled' codec's b'S1'"):
+        SampledCodec(k=4, vocab_size=100, samples=4).decode(frame)
+    with pytest.raises(ValueError, match="drawn id repeats one of the exact head's ids"):
+        codec.encode(np.array([[3, 9, 9, 0]]), np.array([[1, 1, 4, 0]]), np.full((1, 4), -1.0), np.zeros(1))
+    with pytest.raises(ValueError, match="head's ids must be distinct and ascending"):
+        codec.encode(np.array([[9, 3, 5, 0]]), np.array([[1, 1, 4, 0]]), np.full((1, 4), -1.0), np.zeros(1))
+    with pytest.raises(ValueError, match="head's 2 slots must each have count 1"):
+        codec.encode(np.array([[3, 9, 5, 0]]), np.array([[2, 1, 3, 0]]), np.full((1, 4), -1.0), np.zeros(1))
+    with pytest.raises(ValueError, match="needs proposal_temperature 1"):
+        SampledCodec(k=6, vocab_size=100, samples=4, exact_top=2, proposal_temperature=2.0)
+    with pytest.raises(ValueError, match="plus its exact head"):
+        SampledCodec(k=4, vocab_size=100, samples=4, exact_top=2)
+
+
+def test_exact_head_dump_inspect_and_train(tiny_model_dir, tmp_path):
+    """`--exact-top 3`: each position holds the teacher's 3 most likely ids (count 1) then M draws off
+    them; the store reads back the teacher's own draws, inspect shows the head, training runs at T = 1
+    and refuses T != 1."""
+    data = _corpus(tmp_path / "d.jsonl", n=6)
+    out = tmp_path / "s"
+    result = CliRunner().invoke(cli, ["dump", "--teacher", str(tiny_model_dir), "--data", str(data), "--out", str(out),
+                                      "--targets", "sample", "--samples", str(M), "--exact-top", "3", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    store = open_store(out)
+    assert store.k == M + 3 and store.codec_params["exact_top"] == 3
+    teacher = load_teacher(str(tiny_model_dir))
+    s = store[1]
+    ids = s["input_ids"][None]
+    with torch.inference_mode():
+        logits = teacher.logits(ids, torch.tensor([ids.shape[1]]))[0, s["positions"]]
+    want = draw_targets(logits, M, exact_top=3, generator=torch.Generator().manual_seed(sample_seed(2, s["index"])))
+    k = s["sample_idx"].shape[1]
+    assert torch.equal(s["sample_idx"], want.ids[:, :k]) and torch.equal(s["sample_count"], want.counts[:, :k])
+    top3 = torch.log_softmax(logits.float(), -1).topk(3).indices.sort(-1).values
+    assert torch.equal(s["sample_idx"][:, :3].long(), top3) and (s["sample_count"][:, :3] == 1).all()
+    assert (s["sample_count"][:, 3:].sum(1) == M).all()
+    p_head = torch.log_softmax(logits.float(), -1).gather(1, top3).exp().sum(1)
+    assert torch.allclose(s["sample_log_norm"], torch.log1p(-p_head), atol=1e-4)
+    info = json.loads(CliRunner().invoke(cli, ["inspect", str(out), "--json"]).output)
+    assert info["exact_top"] == 3 and info["distinct_ids_per_position"] > 3
+    assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
+    student = tmp_path / "student"
+    make_student(str(tiny_model_dir), layers=1, layer_map="first", out=str(student))
+    base = ["--student", str(student), "--store", str(out), "--batch-tokens", "128", "--log-every", "1",
+            "--eval-every", "0", "--save-every", "0", "--workers", "0", "--steps", "2"]
+    train_main([*base, "--out", str(tmp_path / "run")])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(np.isfinite(r["loss"]) for r in records)
+    with pytest.raises(TrainError, match="exact head of 3 ids .* --temperature 1 only"):
+        train_main([*base, "--out", str(tmp_path / "t2"), "--temperature", "2"])
+    result = CliRunner().invoke(cli, ["dump", "--teacher", str(tiny_model_dir), "--data", str(data), "--out",
+                                      str(tmp_path / "bad"), "--targets", "sample", "--exact-top", "2",
+                                      "--proposal-temperature", "2"])
+    assert result.exit_code != 0 and "needs --proposal-temperature 1" in result.output

@@ -41,6 +41,19 @@ is p restricted to the K largest entries, which no number of steps averages back
 the weights are plain frequencies, S = 1 and the two estimators coincide (the RS-KD of Anshumann
 et al., 2025, with the teacher as its own proposal).
 
+**Exact head (lower variance, still unbiased).** With `--exact-top H` the dump keeps the teacher's H
+most likely ids exactly and draws the M ids from r_v = p_v / (1 - P_H) over the rest (P_H: the head's
+mass; T = tau = 1). The weights are w_v = p_v on the head and w_v = (c_v / M)(1 - P_H) off it, so
+E[w_v] = p_v everywhere (E[c_v] = M r_v off the head) and KD_hat and its gradient are unbiased as
+above; moreover S = P_H + (1 - P_H) sum_k c_k / M = 1 exactly, and the gradient T (q - w) varies only
+in the tail: Var(w_v) = (1 - P_H)^2 r_v (1 - r_v) / M, a factor (1 - P_H)^2 below the plain draws' on
+the same ids, where LLM teachers put most of their mass in a few ids. (The store quantizes log p to
+1/1024 nats, so a head weight is p_v within a factor exp(+-1/2048), the same rounding a top-k
+store's values carry; the drawn ids' weights use the exact float32 ln(1 - P_H).) The kernels take this as
+ordinary (count, target_logp, proposal_logp): head slots count 1 with log r = -ln(H + M), drawn slots
+log r = log p - ln(1 - P_H) + ln(M / (H + M)), which make c_k / (H + M) * exp(log p_k - log r_k) the
+weights above (`kdengine.sampling.loss_targets`).
+
 **Temperatures the store can serve.** The store keeps log p at T = 1 and log r at tau, both
 normalised over the full vocabulary at dump time. log p^T_v = log p_v / T - log sum_u p_u^(1/T) needs
 a full-vocabulary normaliser, which is known only for T = 1 (it is 0) and T = tau (log r), so a

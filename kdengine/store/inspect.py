@@ -17,7 +17,7 @@ SUMMARY_KEYS = ("targets", "samples", "tokens", "positions", "bytes", "bytes_per
                 "vocab_size", "teacher", "tokenizer_fingerprint", "codec", "entries_per_position", "tail_mass",
                 "entries_for_mass")
 # Only in the summary of a sampled-target store (targets "sample").
-SAMPLED_KEYS = ("draws_per_position", "proposal_temperature", "distinct_ids_per_position")
+SAMPLED_KEYS = ("draws_per_position", "proposal_temperature", "exact_top", "distinct_ids_per_position")
 SPLIT_KEYS = ("payload_ids", "payload_values", "payload", "tokens", "positions", "tables", "index", "sections",
               "headers", "manifest")
 MASSES = (0.9, 0.99, 0.999)
@@ -73,6 +73,7 @@ def store_summary(store: TopKStore, *, stats_positions: int = 20000) -> dict:
         summary.update({
             "draws_per_position": store.codec_params["samples"],
             "proposal_temperature": store.codec_params["proposal_temperature"],
+            "exact_top": store.codec_params.get("exact_top", 0),
             "distinct_ids_per_position": round(distinct / store.num_positions, 3) if store.num_positions else None,
         })
     return summary

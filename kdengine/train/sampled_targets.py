@@ -18,8 +18,12 @@ BATCH_KEYS = ("sample_idx", "sample_count", "sample_logp", "sample_log_norm")
 def check_sampled_options(store, *, temperature: float, tail: bool) -> None:
     """Refuses, before training, options a sampled-target store cannot serve unbiasedly."""
     tau = float(store.codec_params["proposal_temperature"])
+    exact_top = int(store.codec_params.get("exact_top", 0))
     if tail:
         raise TrainError(f"store {store.path} holds sampled targets (RS-KD), which have no tail bucket; drop --tail")
+    if exact_top and temperature != 1:
+        raise TrainError(f"store {store.path} keeps an exact head of {exact_top} ids with its draws: its unbiased "
+                         f"loss exists at --temperature 1 only, got {temperature}")
     if temperature not in (1.0, tau):
         raise TrainError(f"store {store.path} was sampled at proposal temperature {tau}: its unbiased loss exists at "
                          f"--temperature 1 or {tau} only, got {temperature}; use one of those, or dump again with "
@@ -28,17 +32,18 @@ def check_sampled_options(store, *, temperature: float, tail: bool) -> None:
 
 class SampledTargets:
     """Drawn ids int32 [N, K], counts int32 [N, K] (0 = padding), teacher log-probs at T = 1 float32
-    [N, K] and the proposal's log-normaliser float32 [N], on the student's device."""
+    [N, K] and the proposal's log-normaliser float32 [N], on the student's device; with `exact_top` H,
+    slots [0, H) are the exact head (kdengine.sampling.TeacherDraws)."""
 
     can_fuse = False  # sampled_kl has no fused-head form: the loop gives it the student's logits
 
-    def __init__(self, batch: dict, *, proposal_temperature: float, loss_fn=sampled_kl):
+    def __init__(self, batch: dict, *, proposal_temperature: float, exact_top: int = 0, loss_fn=sampled_kl):
         self.draws = TeacherDraws(batch["sample_idx"], batch["sample_count"], batch["sample_logp"],
                                   batch["sample_log_norm"])
-        self._tau, self._loss_fn = float(proposal_temperature), loss_fn
+        self._tau, self._exact_top, self._loss_fn = float(proposal_temperature), int(exact_top), loss_fn
 
     def _loss(self, logits, labels, *, alpha, temperature, reduction="sum"):
-        target, proposal = loss_targets(self.draws, self._tau, temperature)
+        target, proposal = loss_targets(self.draws, self._tau, temperature, self._exact_top)
         return self._loss_fn(logits, self.draws.ids, self.draws.counts, target, proposal, labels, alpha=alpha,
                              temperature=temperature, reduction=reduction)
 

@@ -131,6 +131,7 @@ class StoreSource:
         self.description = f"store {path}"
         self._tail = tail
         self._sampled_tau = None  # a sampled-target store: its proposal temperature
+        self._exact_top = 0  # and its exact head
         if self.store.targets == "sample":
             from kdengine.train.sampled_targets import check_sampled_options
 
@@ -139,6 +140,7 @@ class StoreSource:
                 raise TrainError(f"store {path} holds sampled targets, whose loss is forward KL only; "
                                  f"--divergence {divergence} needs a top-k store (`kdengine dump --targets topk`)")
             self._sampled_tau = float(self.store.codec_params["proposal_temperature"])
+            self._exact_top = int(self.store.codec_params.get("exact_top", 0))
         self._loss_impl = loss_impl
         self._loss_fn, self._linear_loss_fn = sparse_kl_function(loss_impl), sparse_kl_linear_function(loss_impl)
         self._divergence, self._beta = divergence, beta
@@ -173,7 +175,7 @@ class StoreSource:
             from kdengine.losses.sampled_reference import sampled_kl_reference
             from kdengine.train.sampled_targets import SampledTargets
 
-            return SampledTargets(batch, proposal_temperature=self._sampled_tau,
+            return SampledTargets(batch, proposal_temperature=self._sampled_tau, exact_top=self._exact_top,
                                   loss_fn=sampled_kl_reference if self._loss_impl == "reference" else sampled_kl)
         lse = None if self._lse_column is None else batch[TEMPERED_LSE][:, self._lse_column].contiguous()
         return SparseTargets(batch["topk_idx"], batch["topk_logp"], tail=self._tail, loss_fn=self._loss_fn,
