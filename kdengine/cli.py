@@ -234,7 +234,8 @@ def store_top_k(targets: str, top_k: int | None) -> int:
 @click.option("--world-size", type=int, default=None,
               help="Number of dump processes; each takes every W-th shard. Default: torchrun's WORLD_SIZE, else 1.")
 def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, exact_top, seed, backend, max_length,
-         batch_size, shard_samples, device, dtype, gpu_split, chat, skip_bad_lines, codec, top_p, temperatures, rank, world_size):
+         batch_size, shard_samples, device, dtype, gpu_split, chat, skip_bad_lines, codec, top_p, temperatures, rank,
+         world_size):
     """Run a teacher over a corpus and store its top-k next-token log-probs (or, with --targets sample,
     ids sampled from its next-token distribution) at every target position."""
     from kdengine.corpus import CorpusError
@@ -246,8 +247,9 @@ def dump(teacher, data, out, top_k, targets, samples, proposal_temperature, exac
     cfg = DumpConfig(teacher=teacher, data=data, out=out, top_k=store_top_k(targets, top_k), targets=targets,
                      samples=samples, proposal_temperature=proposal_temperature, exact_top=exact_top, seed=seed,
                      backend=backend, max_length=max_length, batch_size=batch_size, shard_samples=shard_samples,
-                     device=device, dtype=dtype, chat=chat, skip_bad_lines=skip_bad_lines, codec=codec, top_p=top_p, temperatures=temperatures,
-                     rank=rank, world_size=world_size, backend_opts=backend_opts(backend, gpu_split))
+                     device=device, dtype=dtype, chat=chat, skip_bad_lines=skip_bad_lines, codec=codec, top_p=top_p,
+                     temperatures=temperatures, rank=rank, world_size=world_size,
+                     backend_opts=backend_opts(backend, gpu_split))
     try:
         s = run_dump(cfg)
     except (CorpusError, DumpError, StoreError, TeacherError) as e:
