@@ -8,6 +8,7 @@ not depend on how the global batch is split into ranks and micro-batches.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -630,6 +631,11 @@ class Trainer:
         if self._lock is not None:
             self._lock.release()
         shutdown(self.info)
+        # FSDP/DDP state and the optimizer keep the (destroyed) gloo group and its finished work alive;
+        # left to interpreter teardown, a gloo thread freeing their tensors can abort the process
+        # ("terminate called without an active exception"), so they go now, while Python is whole.
+        self.module = self.optimizer = self.scheduler = self.hf_model = self.peft_model = None
+        gc.collect()
 
     def _say(self, message: str) -> None:
         if self.info.is_main:
