@@ -13,6 +13,10 @@
 //           ("bits back", as is the order of a set), so an id costs -log2((base + bonus) / total).
 #include "topk_codec.h"
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -331,7 +335,9 @@ uint32_t code_number(IO& io, NumberModel& m, uint32_t v) {
 // ---- the weight table ---------------------------------------------------------------------------
 // Weights of the vocabulary in a 16-ary sum tree, flat: level 0 holds the weights, each level above
 // the sums of 16 consecutive entries of the one below, up to a level of at most 16 entries; every
-// level is padded with zeros to whole blocks of 16. An update touches one entry per level.
+// level is padded with zeros to whole blocks of 16. Each block is stored as its running (inclusive)
+// sums, so that a search compares 16 entries at once without branches and an update adds to the
+// block's tail; both touch one block per level. Totals stay below 2^31, so entries compare as int32.
 class SumTree {
  public:
   static std::vector<uint32_t> build(const std::vector<uint32_t>& weights) {
@@ -342,28 +348,42 @@ class SumTree {
     for (int l = 1; l < t.levels_; ++l) {
       for (size_t i = 0; i < t.count_[l - 1]; ++i) data[t.offset_[l] + (i >> 4)] += data[t.offset_[l - 1] + i];
     }
+    for (size_t i = 0; i < t.size_; ++i) {
+      if (i & 15) data[i] += data[i - 1];
+    }
     return data;
   }
   void reset(const std::vector<uint32_t>& built, size_t n) {
     shape(n);
     data_.assign(built.begin(), built.end());
-    total_ = 0;
-    for (size_t i = 0; i < 16; ++i) total_ += data_[offset_[levels_ - 1] + i];
   }
-  uint32_t weight(int i) const { return data_[i]; }
-  uint64_t total() const { return total_; }
+  uint32_t weight(int i) const {
+    const size_t at = static_cast<size_t>(i);
+    return data_[at] - ((at & 15) ? data_[at - 1] : 0);
+  }
+  uint64_t total() const { return data_[offset_[levels_ - 1] + 15]; }
   void add(int i, uint32_t delta) {  // delta mod 2^32: a negative delta is 0u - amount
     size_t at = static_cast<size_t>(i);
-    for (int l = 0; l < levels_; ++l, at >>= 4) data_[offset_[l] + at] += delta;
-    total_ = static_cast<uint32_t>(total_ + delta);
+    for (int l = 0; l < levels_; ++l, at >>= 4) {
+      uint32_t* block = data_.data() + offset_[l] + (at & ~size_t{15});
+      const int from = static_cast<int>(at & 15);
+#ifdef __SSE2__
+      const __m128i step = _mm_set1_epi32(static_cast<int>(delta)), first = _mm_set1_epi32(from - 1);
+      for (int q = 0; q < 16; q += 4) {
+        __m128i* v = reinterpret_cast<__m128i*>(block + q);
+        const __m128i lanes = _mm_cmpgt_epi32(_mm_setr_epi32(q, q + 1, q + 2, q + 3), first);
+        _mm_storeu_si128(v, _mm_add_epi32(_mm_loadu_si128(v), _mm_and_si128(lanes, step)));
+      }
+#else
+      for (int c = from; c < 16; ++c) block[c] += delta;
+#endif
+    }
   }
   uint32_t prefix(int i) const {  // the weight of ids [0, i)
     uint32_t s = 0;
     size_t at = static_cast<size_t>(i);
     for (int l = 0; l < levels_; ++l, at >>= 4) {
-      const uint32_t* block = data_.data() + offset_[l] + (at & ~size_t{15});
-      const size_t n = at & 15;
-      for (size_t c = 0; c < 16; ++c) s += c < n ? block[c] : 0;
+      if (at & 15) s += data_[offset_[l] + at - 1];
     }
     return s;
   }
@@ -372,18 +392,30 @@ class SumTree {
     uint32_t sum = 0;
     size_t at = 0;  // start of the block to search, at the current level
     for (int l = levels_; l-- > 0;) {
-      const uint32_t* block = data_.data() + offset_[l] + at;
+      const int32_t* block = reinterpret_cast<const int32_t*>(data_.data() + offset_[l] + at);
+      const int32_t rest = static_cast<int32_t>(target - sum);
+#ifdef __SSE2__
+      const __m128i bound = _mm_set1_epi32(rest);
+      int above = 0;  // bit j: block[j] > rest; the sums ascend, so the lowest set bit is the answer
+      for (int q = 0; q < 16; q += 4) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + q));
+        above |= _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(v, bound))) << q;
+      }
+      const int c = above ? __builtin_ctz(static_cast<unsigned>(above)) : 16;
+#else
       int c = 0;
-      while (c < 16 && sum + block[c] <= target) sum += block[c++];
+      while (c < 16 && block[c] <= rest) ++c;
+#endif
       if (c == 16) return -1;
+      if (c) sum += static_cast<uint32_t>(block[c - 1]);
       at = l > 0 ? (at + c) << 4 : at + c;
     }
     *before = sum;
     return static_cast<int>(at);
   }
   void halve() {  // every weight w -> max(1, w / 2), sums rebuilt
-    std::vector<uint32_t> w(data_.begin(), data_.begin() + count_[0]);
-    for (uint32_t& x : w) x = std::max<uint32_t>(1, x >> 1);
+    std::vector<uint32_t> w(count_[0]);
+    for (size_t i = 0; i < count_[0]; ++i) w[i] = std::max<uint32_t>(1, weight(static_cast<int>(i)) >> 1);
     reset(build(w), count_[0]);
   }
 
@@ -403,7 +435,6 @@ class SumTree {
   int levels_ = 1;
   size_t count_[8] = {0}, offset_[8] = {0}, size_ = 0;
   std::vector<uint32_t> data_;
-  uint64_t total_ = 0;
 };
 
 // ---- contexts -----------------------------------------------------------------------------------
