@@ -21,7 +21,6 @@
 #include <cmath>
 #include <memory>
 #include <string>
-#include <unordered_map>
 #include <utility>
 
 namespace kdengine {
@@ -535,6 +534,34 @@ class BonusList {
   size_t top_ = 1;
 };
 
+// key -> the last row that had it, for one frame: open addressing with linear probing, sized for the
+// frame's rows (at most half full), so a lookup is a multiply and usually one probe.
+class LastRowMap {
+ public:
+  void reset(int64_t rows) {
+    size_t capacity = 16;
+    while (capacity < 2 * static_cast<size_t>(rows)) capacity <<= 1;
+    shift_ = 64 - __builtin_ctzll(capacity);
+    slots_.assign(capacity, {0, -1});
+  }
+  int64_t find(uint64_t key) const { return slots_[slot(key)].second; }
+  void set(uint64_t key, int64_t row) {
+    auto& s = slots_[slot(key)];
+    s = {key, row};
+  }
+
+ private:
+  size_t slot(uint64_t key) const {  // key's slot, or the empty one where it would go
+    const size_t mask = slots_.size() - 1;
+    size_t at = static_cast<size_t>((key * 0x9E3779B97F4A7C15ull) >> shift_);
+    while (slots_[at].second >= 0 && slots_[at].first != key) at = (at + 1) & mask;
+    return at;
+  }
+
+  int shift_ = 60;
+  std::vector<std::pair<uint64_t, int64_t>> slots_;  // (key, row); row -1: empty
+};
+
 std::string row_error(int64_t row, const std::string& what) { return "row " + std::to_string(row) + ": " + what; }
 
 // The state of one frame: models and weights start from the prior at every frame, so that each
@@ -558,12 +585,12 @@ class Frame {
       bonus_ = BonusList();
     }
     bonus_.clear(place_);
-    last_with_token_.clear();
-    last_with_pair_.clear();
   }
 
   template <bool kDecode, class IO>
   void code(IO& io, TopKRows& r) {
+    last_with_token_.reset(r.rows);
+    last_with_pair_.reset(r.rows);
     for (int64_t row = 0; row < r.rows; ++row) code_row<kDecode>(io, r, row);
   }
 
@@ -575,8 +602,9 @@ class Frame {
     Models& m = *models_;
     const uint64_t pair =
         (uint64_t{static_cast<uint32_t>(r.prev_context[row])} << 32) | static_cast<uint32_t>(r.context[row]);
-    const int64_t same_token = lookup(last_with_token_, r.context[row]);
-    const int64_t same_pair = lookup(last_with_pair_, pair);
+    const uint64_t token = static_cast<uint32_t>(r.context[row]);
+    const int64_t same_token = last_with_token_.find(token);
+    const int64_t same_pair = last_with_pair_.find(pair);
 
     // Levels.
     uint32_t v = code_number(io, m.top[same_token >= 0], kDecode ? 0 : lv[0] - 1);
@@ -684,8 +712,8 @@ class Frame {
     // The row's ids return to the base table with one more boost.
     for (const auto& [id, w] : removed_) table_.add(id, w + kBoost);
     if (table_.total() > kHalveAbove) table_.halve();
-    last_with_token_[r.context[row]] = row;
-    last_with_pair_[pair] = row;
+    last_with_token_.set(token, row);
+    last_with_pair_.set(pair, row);
   }
 
   // Decodes a run of n ids (ascending out), excluding each; after each, puts back which part of the
@@ -725,11 +753,6 @@ class Frame {
     }
   }
 
-  template <class Key>
-  static int64_t lookup(const std::unordered_map<Key, int64_t>& map, Key key) {
-    const auto it = map.find(key);
-    return it == map.end() ? -1 : it->second;
-  }
   void add_bonus(const int32_t* ids, int n, uint32_t amount) {
     for (int j = 0; j < n; ++j) bonus_.add(ids[j], amount, place_);
   }
@@ -748,8 +771,8 @@ class Frame {
   BonusList bonus_;
   std::vector<int32_t> place_;                          // [vocab] 1 + the id's place in bonus_, or 0
   std::vector<std::pair<int32_t, uint32_t>> removed_;   // the row's excluded ids and their base weights
-  std::unordered_map<int32_t, int64_t> last_with_token_;  // input token -> the last row with it
-  std::unordered_map<uint64_t, int64_t> last_with_pair_;  // (previous token, token) -> the last row with them
+  LastRowMap last_with_token_;  // input token -> the last row with it
+  LastRowMap last_with_pair_;   // (previous token, token) -> the last row with them
 };
 
 // Each thread reuses its coder state and buffers from call to call.

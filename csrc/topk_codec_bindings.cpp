@@ -2,6 +2,8 @@
 // user-facing validation (ValueError naming the row) lives in kdengine/store/codec.py.
 #include "topk_codec_bindings.h"
 
+#include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -165,6 +167,43 @@ py::tuple coder_decode_frames(const TopKCoder& coder, const py::buffer& payload,
   return py::make_tuple(ids, levels, tail, py::none());
 }
 
+// The sqrt levels' log-probabilities (FORMAT.md, "sqrt_ac"): entry (r, j) is
+// log_level[levels[r, j]] - log(sum_j levels[r, j]^2 + tail[r]^2), rounded to float32; level 0 (a ragged
+// row's padding) has log_level[0] = -inf and adds nothing to the sum. The table comes from
+// kdengine/store/codec.py, which owns the quantization; this is the per-entry loop, without numpy's
+// temporaries.
+py::array_t<float> dequantize_levels(const Int32Array& levels, const Int32Array& tail,
+                                     const py::array_t<double, py::array::c_style>& log_level) {
+  if (levels.ndim() != 2) throw py::value_error("dequantize_levels: levels must be [P, K]");
+  const int64_t p = levels.shape(0), k = levels.shape(1);
+  check_array(tail, "tail", {p});
+  if (log_level.ndim() != 1) throw py::value_error("dequantize_levels: log_level must be one-dimensional");
+  const int64_t table_size = log_level.shape(0);
+  py::array_t<float> out({p, k});
+  const int32_t* lv = levels.data();
+  const int32_t* tl = tail.data();
+  const double* table = log_level.data();
+  float* logp = out.mutable_data();
+  bool in_range = true;
+  {
+    py::gil_scoped_release release;
+    for (int64_t r = 0; r < p && in_range; ++r) {
+      const int32_t* row = lv + r * k;
+      int64_t squares = static_cast<int64_t>(tl[r]) * tl[r];
+      for (int64_t j = 0; j < k; ++j) {
+        in_range &= row[j] >= 0 && row[j] < table_size;
+        squares += static_cast<int64_t>(row[j]) * row[j];
+      }
+      in_range &= tl[r] >= 1 && tl[r] < table_size;
+      if (!in_range) break;
+      const double log_z = std::log(static_cast<double>(squares));
+      for (int64_t j = 0; j < k; ++j) logp[r * k + j] = static_cast<float>(table[row[j]] - log_z);
+    }
+  }
+  if (!in_range) throw py::value_error("dequantize_levels: a level lies outside the table");
+  return out;
+}
+
 }  // namespace
 
 void bind_topk_codec(py::module_& m) {
@@ -187,7 +226,10 @@ void bind_topk_codec(py::module_& m) {
       .def("decode_frames", &coder_decode_frames, py::arg("payload"), py::arg("tag"), py::arg("frame_offsets"),
            py::arg("row_offsets"), py::arg("context"), py::arg("prev_context"), py::arg("next"),
            "many whole frames (header included) + their concatenated int32 tokens -> the decode outputs, "
-           "concatenated; raises TopKCodecError naming the frame");
+           "concatenated; raises TopKCodecError naming the frame")
+      .def_static("dequantize_levels", &dequantize_levels, py::arg("levels"), py::arg("tail"), py::arg("log_level"),
+                  "int32 levels [P, K] and tail [P], float64 log_level table -> float32 log-probs [P, K]: "
+                  "log_level[level] - log(sum of squared levels + tail^2) per row");
 }
 
 }  // namespace kdengine

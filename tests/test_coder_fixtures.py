@@ -79,3 +79,23 @@ def test_the_batch_decoder_gives_the_same_rows(case):
     for (j, _, _), a, b in zip(frames, row_offsets[:-1], row_offsets[1:]):
         part = (ids[a:b], levels[a:b], tail[a:b], None if counts is None else counts[a:b])
         assert rows_digest(*part) == META[f"{case}/{j}/decoded_sha256"], f"{case} frame {j}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dequantize_levels_matches_the_numpy_formula(case):
+    log_level = np.concatenate([[-np.inf], 2 * np.log(np.arange(1, int(META["max_level"]) + 1, dtype=np.float64))])
+    coder = _coder(case)
+    for j, body, context in _frames(case):
+        ids, levels, tail, _ = coder.decode(body, *context)
+        squares = (levels.astype(np.int64) ** 2).sum(axis=1) + tail.astype(np.int64) ** 2
+        want = (log_level[levels] - np.log(squares.astype(np.float64))[:, None]).astype(np.float32)
+        got = _C.TopKCoder.dequantize_levels(levels, tail, log_level)
+        assert got.dtype == np.float32 and np.array_equal(got, want), f"{case} frame {j}"
+
+
+def test_dequantize_levels_rejects_levels_outside_the_table():
+    log_level = np.zeros(4)
+    with pytest.raises(ValueError, match="outside the table"):
+        _C.TopKCoder.dequantize_levels(np.array([[1, 4]], np.int32), np.array([1], np.int32), log_level)
+    with pytest.raises(ValueError, match="tail"):
+        _C.TopKCoder.dequantize_levels(np.array([[1, 2]], np.int32), np.array([1, 1], np.int32), log_level)

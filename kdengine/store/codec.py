@@ -539,12 +539,11 @@ class SqrtAcCodec:
             ids, level, tail_level, counts = self._coder.decode(body, *context)
         except _coder_error() as exc:
             raise CodecError(str(exc)) from None
+        logp = self._dequantize(level, tail_level)
         if counts is not None:
             width = int(counts.max()) if n_pos else 1
-            ids, level = ids[:, :width], level[:, :width]
-        squares = (level.astype(np.int64) ** 2).sum(axis=1) + tail_level.astype(np.int64) ** 2
-        logp = self._log_level[level] - np.log(squares.astype(np.float64))[:, None]
-        return np.ascontiguousarray(ids), logp.astype(np.float32)
+            ids, logp = ids[:, :width], logp[:, :width]
+        return np.ascontiguousarray(ids), np.ascontiguousarray(logp)
 
 
     def decode_many(self, payload, frame_offsets, input_ids, token_offsets, positions, position_offsets):
@@ -576,9 +575,11 @@ class SqrtAcCodec:
                 following)
         except _coder_error() as exc:
             raise CodecError(str(exc)) from None
-        squares = (level.astype(np.int64) ** 2).sum(axis=1) + tail_level.astype(np.int64) ** 2
-        logp = (self._log_level[level] - np.log(squares.astype(np.float64))[:, None]).astype(np.float32)
-        return ids, logp, counts
+        return ids, self._dequantize(level, tail_level), counts
+
+    def _dequantize(self, level, tail_level):
+        """float32 log-probs of decoded levels: log(level^2 / (sum of the row's squared levels + tail^2))."""
+        return self._coder.dequantize_levels(level, tail_level, self._log_level)
 
 
 def _coder_class():
@@ -590,9 +591,9 @@ def _coder_class():
     except ImportError as exc:
         raise ValueError(f"codec 'sqrt_ac' needs the compiled extension kdengine._C, which does not import "
                          f"({exc}); {_EXTENSION_HINT}, or dump with --codec sqrt") from None
-    if not hasattr(_C, "TopKCoder"):
-        raise ValueError(f"kdengine._C ({_C.__file__}) was built before codec 'sqrt_ac' existed; rebuild it: "
-                         f"{_EXTENSION_HINT}")
+    if not hasattr(getattr(_C, "TopKCoder", None), "dequantize_levels"):
+        raise ValueError(f"kdengine._C ({_C.__file__}) was built from older sources than this checkout's "
+                         f"codec 'sqrt_ac'; rebuild it: {_EXTENSION_HINT}")
     return _C.TopKCoder
 
 
