@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""scripts/rskd_quality.py's tables for several seeds, side by side: does a difference hold across training seeds?
+
+Each input is the .json that rskd_quality.py writes next to its table, one per --seed (the same other
+arguments). Per arm and seed: held-out KL to the teacher and ECE, each with its difference from
+top-64 + tail and that difference's 95% paired-bootstrap interval (which covers the held-out sample
+only); the last columns say on how many seeds the interval lies wholly above or below zero.
+
+    python scripts/rskd_seeds.py scripts/results/rskd_quality_120steps_eval96.json \
+        scripts/results/rskd_quality_120steps_eval96_seed1.json > scripts/results/rskd_quality_seeds.md
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BASELINE = "top-64 + tail"
+METRICS = (("kl_to_teacher", "KL"), ("ece_to_teacher", "ECE"))
+
+
+def _verdict(intervals: list) -> str:
+    above = sum(lo > 0 for _, lo, _ in intervals)
+    below = sum(hi < 0 for _, _, hi in intervals)
+    return f"{above} higher, {below} lower, {len(intervals) - above - below} tie"
+
+
+def render(results: list[dict], paths: list[str]) -> str:
+    seeds = [r["args"]["seed"] for r in results]
+    if len(set(seeds)) != len(seeds):
+        sys.exit(f"every input must come from another --seed, got seeds {seeds}")
+    fixed = {k: v for k, v in results[0]["args"].items() if k not in ("seed", "out", "results", "tag")}
+    for path, r in zip(paths, results):
+        other = {k: v for k, v in r["args"].items() if k not in ("seed", "out", "results", "tag")}
+        if other != fixed:
+            sys.exit(f"{path} was run with other arguments than {paths[0]}: {other} vs {fixed}")
+    arms = [name for name in results[0]["scores"] if name != "teacher"]
+    lines = [
+        "# RS-KD quality across training seeds (scripts/rskd_seeds.py)",
+        "",
+        "`python scripts/rskd_seeds.py " + " ".join(paths) + "`",
+        "",
+        f"Seeds {', '.join(map(str, seeds))}; otherwise the same run: {results[0]['args']['steps']} steps, "
+        f"{results[0]['args']['eval_problems']} held-out problems ({results[0]['scores']['teacher']['positions']} "
+        "positions). A seed changes the student's training order and, for sampled stores, the draws. "
+        f"Δ: the arm minus {BASELINE} on the same seed, [95% paired-bootstrap interval over held-out problems]. "
+        "The verdict columns count the seeds whose interval lies wholly above zero (higher), below it (lower), "
+        "or covers it (tie).",
+        "",
+        "| targets | B/position | " + " | ".join(f"{label} seed {s} (Δ [95%])" for _, label in METRICS for s in seeds)
+        + " | " + " | ".join(f"{label} verdict" for _, label in METRICS) + " |",
+        "|---|---:|" + "---:|" * (len(METRICS) * len(seeds)) + "---|" * len(METRICS),
+    ]
+    for arm in arms:
+        stores = [r["stores"].get(arm) for r in results]
+        size = ", ".join(f"{s['bytes'] / s['positions']:.1f}" for s in stores) if all(stores) else "(no store)"
+        cells, verdicts = [], []
+        for metric, _ in METRICS:
+            intervals = []
+            for r in results:
+                score = r["scores"][arm]
+                delta = score.get("vs_" + BASELINE, {}).get(metric)
+                cell = f"{score[metric]:.4f}"
+                if delta:
+                    intervals.append(delta)
+                    cell += f" ({delta[0]:+.4f} [{delta[1]:+.4f}, {delta[2]:+.4f}])"
+                cells.append(cell)
+            verdicts.append(_verdict(intervals) if intervals else "baseline")
+        lines.append(f"| {arm} | {size} | " + " | ".join(cells) + " | " + " | ".join(verdicts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    paths = sys.argv[1:]
+    if len(paths) < 2:
+        sys.exit(__doc__)
+    print(render([json.loads(Path(p).read_text()) for p in paths], paths), end="")
+
+
+if __name__ == "__main__":
+    main()

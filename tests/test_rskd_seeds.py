@@ -1,0 +1,37 @@
+"""scripts/rskd_seeds.py: the cross-seed table counts each seed's interval on the right side of zero."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location("rskd_seeds", Path(__file__).parents[1] / "scripts" / "rskd_seeds.py")
+rskd_seeds = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(rskd_seeds)
+
+
+def _result(seed, kl_delta, ece_delta, steps=120):
+    arm = {"kl_to_teacher": 1.3, "ece_to_teacher": 0.05,
+           "vs_top-64 + tail": {"kl_to_teacher": kl_delta, "ece_to_teacher": ece_delta}}
+    return {"args": {"seed": seed, "steps": steps, "eval_problems": 96, "out": f"/x{seed}", "results": "r", "tag": "t"},
+            "scores": {"teacher": {"positions": 100}, "top-64 + tail": {"kl_to_teacher": 1.2, "ece_to_teacher": 0.04},
+                       "sampled-12": arm},
+            "stores": {"top-64 + tail": {"bytes": 850, "positions": 10}, "sampled-12": {"bytes": 157, "positions": 10}}}
+
+
+def test_verdicts_count_the_seeds_on_each_side_of_zero():
+    text = rskd_seeds.render([_result(0, [0.05, 0.04, 0.07], [0.004, -0.002, 0.008]),
+                              _result(1, [0.06, 0.05, 0.08], [-0.01, -0.02, -0.001])], ["a.json", "b.json"])
+    row = next(line for line in text.splitlines() if line.startswith("| sampled-12 "))
+    assert "| 15.7, 15.7 |" in row
+    assert row.endswith("| 2 higher, 0 lower, 0 tie | 0 higher, 1 lower, 1 tie |")
+    assert "1.3000 (+0.0500 [+0.0400, +0.0700])" in row
+    base = next(line for line in text.splitlines() if line.startswith("| top-64 + tail "))
+    assert base.endswith("| baseline | baseline |")
+
+
+def test_runs_that_differ_in_more_than_the_seed_are_refused():
+    with pytest.raises(SystemExit, match="other arguments"):
+        rskd_seeds.render([_result(0, [0, -1, 1], [0, -1, 1]), _result(1, [0, -1, 1], [0, -1, 1], steps=16)],
+                          ["a.json", "b.json"])
+    with pytest.raises(SystemExit, match="another --seed"):
+        rskd_seeds.render([_result(0, [0, -1, 1], [0, -1, 1])] * 2, ["a.json", "b.json"])
