@@ -545,10 +545,7 @@ class LastRowMap {
     slots_.assign(capacity, {0, -1});
   }
   int64_t find(uint64_t key) const { return slots_[slot(key)].second; }
-  void set(uint64_t key, int64_t row) {
-    auto& s = slots_[slot(key)];
-    s = {key, row};
-  }
+  void set(uint64_t key, int64_t row) { slots_[slot(key)] = {key, row}; }
 
  private:
   size_t slot(uint64_t key) const {  // key's slot, or the empty one where it would go

@@ -3,7 +3,6 @@
 #include "topk_codec_bindings.h"
 
 #include <cmath>
-#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
