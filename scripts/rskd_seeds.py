@@ -4,7 +4,9 @@
 Each input is the .json that rskd_quality.py writes next to its table, one per --seed (the same other
 arguments). Per arm and seed: held-out KL to the teacher and ECE, each with its difference from
 top-64 + tail and that difference's 95% paired-bootstrap interval (which covers the held-out sample
-only); the last columns say on how many seeds the interval lies wholly above or below zero.
+only); the last columns say on how many seeds the interval lies wholly above or below zero. A second
+table takes each arm's per-seed differences as paired samples: their mean and 95% t interval over
+seeds, the interval that covers training randomness.
 
     python scripts/rskd_seeds.py scripts/results/rskd_quality_120steps_eval96.json \
         scripts/results/rskd_quality_120steps_eval96_seed1.json > scripts/results/rskd_quality_seeds.md
@@ -14,6 +16,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kdengine.evals.distill import t_interval  # noqa: E402
 
 BASELINE = "top-64 + tail"
 METRICS = (("kl_to_teacher", "KL"), ("ece_to_teacher", "ECE"))
@@ -67,6 +72,19 @@ def render(results: list[dict], paths: list[str]) -> str:
                 cells.append(cell)
             verdicts.append(_verdict(intervals) if intervals else "baseline")
         lines.append(f"| {arm} | {size} | " + " | ".join(cells) + " | " + " | ".join(verdicts) + " |")
+    lines += ["", f"Across seeds: the mean over {len(seeds)} seeds of each seed's Δ against {BASELINE}, "
+              f"[95% t interval over seeds, {len(seeds) - 1} degrees of freedom]; below zero is better.", "",
+              "| targets | " + " | ".join(f"{label} mean Δ [95%]" for _, label in METRICS) + " |",
+              "|---|" + "---:|" * len(METRICS)]
+    for arm in arms:
+        deltas = [[r["scores"][arm].get("vs_" + BASELINE, {}).get(metric) for r in results] for metric, _ in METRICS]
+        if not all(all(d) for d in deltas):
+            continue
+        cells = []
+        for per_seed in deltas:
+            mean, half = t_interval([d[0] for d in per_seed])
+            cells.append(f"{mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}]")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -35,3 +35,17 @@ def test_runs_that_differ_in_more_than_the_seed_are_refused():
                           ["a.json", "b.json"])
     with pytest.raises(SystemExit, match="another --seed"):
         rskd_seeds.render([_result(0, [0, -1, 1], [0, -1, 1])] * 2, ["a.json", "b.json"])
+
+
+def test_across_seed_interval_is_a_t_interval_of_the_per_seed_differences():
+    kl = [0.05, 0.06, 0.01]
+    text = rskd_seeds.render([_result(s, [d, d - 0.01, d + 0.01], [0.0, -0.01, 0.01]) for s, d in enumerate(kl)],
+                             ["a.json", "b.json", "c.json"])
+    row = next(line for line in text.splitlines()[text.splitlines().index("| targets | KL mean Δ [95%] | ECE mean Δ [95%] |"):]
+               if line.startswith("| sampled-12 "))
+    mean = sum(kl) / 3
+    sd = (sum((d - mean) ** 2 for d in kl) / 2) ** 0.5
+    half = 4.302652729911275 * sd / 3 ** 0.5  # t(0.975, 2 degrees of freedom)
+    assert f"| {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] |" in row
+    assert not any(line.startswith("| top-64 + tail |") and "[" in line
+                   for line in text.splitlines()[text.splitlines().index("| targets | KL mean Δ [95%] | ECE mean Δ [95%] |"):])

@@ -183,6 +183,18 @@ def paired_bootstrap(base: SampleSums, other: SampleSums, metric: str, *, resamp
     return getattr(other.metrics(), metric) - getattr(base.metrics(), metric), float(lo), float(hi)
 
 
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """The mean of `values` and the half-width of its `level` t interval (Student's t, n - 1 degrees of
+    freedom); the half-width is nan for fewer than 2 values. For differences paired by seed, this is
+    the interval that covers training randomness, which `paired_bootstrap`'s does not."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return (float(v.mean()) if len(v) else float("nan")), float("nan")
+    return float(v.mean()), float(stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+
+
 def _student_logits(model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                     vocab: int) -> torch.Tensor:
     """The student's logits at the target positions, [P, V] on the CPU."""

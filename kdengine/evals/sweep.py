@@ -225,9 +225,10 @@ def _evaluate_cell(cfg: dict, cell: Cell, run_dir: Path, train_s: float, progres
 def summarize(rows: list[dict], baseline: dict) -> list[dict]:
     """Per setting and metric: n, mean, std, 95% CI half-width (t distribution), and against the
     baseline setting (paired by seed): mean difference, paired t-test p-value, Cohen's d_z."""
-    import numpy as np
     import pandas as pd
     from scipy import stats
+
+    from kdengine.evals.distill import t_interval
 
     frame = pd.DataFrame(rows)
     base_id = next(r["setting"] for r in rows if all(r.get(k) == v for k, v in baseline.items()))
@@ -237,8 +238,8 @@ def summarize(rows: list[dict], baseline: dict) -> list[dict]:
             values = group[metric].to_numpy(dtype=float)
             n = len(values)
             std = float(values.std(ddof=1)) if n > 1 else float("nan")
-            half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
-            row = {"setting": setting, "metric": metric, "n": n, "mean": float(values.mean()), "std": std,
+            mean, half = t_interval(values)
+            row = {"setting": setting, "metric": metric, "n": n, "mean": mean, "std": std,
                    "ci95": half, "baseline": base_id}
             if setting != base_id:
                 paired = group.merge(frame[frame.setting == base_id], on="seed", suffixes=("", "_base"))
