@@ -2,7 +2,7 @@
 # The README's first command from a fresh clone, then the efficiency report and a small sweep on its outputs.
 # Prerequisites: git, python3 >= 3.10, PyPI reachable; ~25 min on 2 quiet cores. Run it alone on the machine:
 #   bash scripts/fresh_clone_runs.sh /path/to/kdengine /tmp/x-evals scripts/results
-# Writes RESULTS/demo_cpu/ (summary.*, fresh_clone.md), RESULTS/bench_demo/ (report.*), RESULTS/sweep_demo/.
+# Writes RESULTS/demo_cpu/ (summary.*, fresh_clone.log), RESULTS/bench_demo/ (report.*), RESULTS/sweep_demo/.
 set -euo pipefail
 src=$1; clone=$2; results=$(realpath "$3")
 log() { echo "$(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg) | $*" | tee -a "$results/demo_cpu/fresh_clone.log"; }

@@ -9,6 +9,8 @@ batches, seed and learning rate, alpha = 1 (pure KD), T = 1:
   top-12 + tail    `kdengine dump --top-k 12`, trained with --tail
   sampled-M        `kdengine dump --targets sample --samples M` (M draws per position from the teacher;
                    one store per M in --samples; the table shows the distinct ids they keep)
+  sampled-M@TX     the same, drawn from the teacher tempered by X (`--proposal-temperature X`), importance-
+                   weighted back to the teacher by the loss
   top-H exact + sampled-M  `--targets sample --samples M --exact-top H` (the teacher's H most likely ids
                    kept exactly, M draws off them), one store per H+M in --exact-head
   dense KD         `train --teacher T --data train.jsonl --chat` (online dense KD), run with the kdengine
@@ -53,8 +55,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--batch-tokens", type=int, default=1024)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--samples", type=lambda v: [int(x) for x in v.split(",")], default=[12],
-                   help="draws per position of each sampled store, comma-separated (12,64: two stores)")
+    p.add_argument("--samples", type=_sampled_arms, default=[(12, 1.0)],
+                   help="draws per position of each sampled store, comma-separated (12,64: two stores); M@T draws "
+                        "M from the teacher tempered by T (--proposal-temperature T), e.g. 12,12@2")
     p.add_argument("--exact-head", type=lambda v: [tuple(int(x) for x in a.split("+")) for a in v.split(",")],
                    default=[], help="comma list of H+M: a store with an exact head of H ids and M draws off it, "
                                     "e.g. 4+12,8+12")
@@ -85,8 +88,10 @@ def main() -> None:
         timings["make-student"] = time.time() - t0
 
     stores = {"top-64 + tail": ["--top-k", "64"], "top-12 + tail": ["--top-k", "12"]}
-    for draws in args.samples:
-        stores[f"sampled-{draws}"] = ["--targets", "sample", "--samples", str(draws), "--seed", str(args.seed)]
+    for draws, tau in args.samples:
+        stores[f"sampled-{draws}" + (f"@T{tau:g}" if tau != 1 else "")] = [
+            "--targets", "sample", "--samples", str(draws), "--proposal-temperature", f"{tau:g}", "--seed",
+            str(args.seed)]
     for head, draws in args.exact_head:
         stores[f"top-{head}-exact+sampled-{draws}"] = ["--targets", "sample", "--samples", str(draws), "--exact-top",
                                                       str(head), "--seed", str(args.seed)]
@@ -117,6 +122,18 @@ def main() -> None:
     scores = _score(runs, teacher_path, eval_file)
     timings["score"] = time.time() - t0
     _report(args, scores, timings, store_dirs, runs, same_batches)
+
+
+def _sampled_arms(value: str) -> list[tuple[int, float]]:
+    """"12,64@2" -> [(12, 1.0), (64, 2.0)]: draws per position and the proposal temperature."""
+    arms = []
+    for arm in value.split(","):
+        draws, at, tau = arm.partition("@")
+        try:
+            arms.append((int(draws), float(tau) if at else 1.0))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{arm!r} is not M or M@T (draws, proposal temperature)") from None
+    return arms
 
 
 def _train(args, student: Path, run_dir: Path, source: list[str], timings: dict, name: str, code: Path = REPO) -> Path:

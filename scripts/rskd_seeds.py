@@ -22,6 +22,9 @@ from kdengine.evals.distill import t_interval  # noqa: E402
 
 BASELINE = "top-64 + tail"
 METRICS = (("kl_to_teacher", "KL"), ("ece_to_teacher", "ECE"))
+# Arguments that may differ between the inputs: the seed, where a run wrote, and which arms it had
+# (only the arms every input has are compared).
+PER_RUN = ("seed", "out", "results", "tag", "samples", "exact_head")
 
 
 def _verdict(intervals: list) -> str:
@@ -34,12 +37,13 @@ def render(results: list[dict], paths: list[str]) -> str:
     seeds = [r["args"]["seed"] for r in results]
     if len(set(seeds)) != len(seeds):
         sys.exit(f"every input must come from another --seed, got seeds {seeds}")
-    fixed = {k: v for k, v in results[0]["args"].items() if k not in ("seed", "out", "results", "tag")}
+    fixed = {k: v for k, v in results[0]["args"].items() if k not in PER_RUN}
     for path, r in zip(paths, results):
-        other = {k: v for k, v in r["args"].items() if k not in ("seed", "out", "results", "tag")}
+        other = {k: v for k, v in r["args"].items() if k not in PER_RUN}
         if other != fixed:
             sys.exit(f"{path} was run with other arguments than {paths[0]}: {other} vs {fixed}")
-    arms = [name for name in results[0]["scores"] if name != "teacher"]
+    arms = [name for name in results[0]["scores"] if name != "teacher" and all(name in r["scores"] for r in results)]
+    only_some = sorted({name for r in results for name in r["scores"]} - set(arms) - {"teacher"})
     lines = [
         "# RS-KD quality across training seeds (scripts/rskd_seeds.py)",
         "",
@@ -50,7 +54,8 @@ def render(results: list[dict], paths: list[str]) -> str:
         "positions). A seed changes the student's training order and, for sampled stores, the draws. "
         f"Δ: the arm minus {BASELINE} on the same seed, [95% paired-bootstrap interval over held-out problems]. "
         "The verdict columns count the seeds whose interval lies wholly above zero (higher), below it (lower), "
-        "or covers it (tie).",
+        "or covers it (tie)."
+        + (f" Arms not in every input, left out: {', '.join(only_some)}." if only_some else ""),
         "",
         "| targets | B/position | " + " | ".join(f"{label} seed {s} (Δ [95%])" for _, label in METRICS for s in seeds)
         + " | " + " | ".join(f"{label} verdict" for _, label in METRICS) + " |",

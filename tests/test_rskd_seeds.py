@@ -49,3 +49,13 @@ def test_across_seed_interval_is_a_t_interval_of_the_per_seed_differences():
     assert f"| {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] |" in row
     assert not any(line.startswith("| top-64 + tail |") and "[" in line
                    for line in text.splitlines()[text.splitlines().index("| targets | KL mean Δ [95%] | ECE mean Δ [95%] |"):])
+
+
+def test_an_arm_missing_from_some_seeds_is_named_and_left_out():
+    extra = _result(1, [0.05, 0.04, 0.07], [0.0, -0.01, 0.01])
+    extra["args"]["samples"] = [[12, 1.0], [12, 2.0]]
+    extra["scores"]["sampled-12@T2"] = extra["scores"]["sampled-12"]
+    text = rskd_seeds.render([_result(0, [0.05, 0.04, 0.07], [0.0, -0.01, 0.01]), extra], ["a.json", "b.json"])
+    assert "Arms not in every input, left out: sampled-12@T2." in text
+    assert not any(line.startswith("| sampled-12@T2 ") for line in text.splitlines())
+    assert any(line.startswith("| sampled-12 ") for line in text.splitlines())

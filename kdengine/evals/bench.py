@@ -252,6 +252,7 @@ def run_bench(models: Sequence[str], *, prompts: Sequence[str], out: str | Path,
     if not models:
         raise EvalError("pass at least one --model")
     cost = distill_cost(distill_runs, cpu_watts=cpu_watts) if distill_runs else None
+    dtype = dtype or ("bf16" if device.split(":")[0] == "cuda" else "fp32")  # as `kdengine eval` chooses
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     machine = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": _torch_threads(),

@@ -99,7 +99,7 @@ class TrainConfig:
     divergence: str = option("fkl", group="loss", choices=("fkl", "rkl", "jsd"),
                              help="KD divergence over the top-k + tail buckets: fkl = forward KL(teacher || student), "
                                   "rkl = reverse KL(student || teacher) (mode-seeking), jsd = generalized "
-                                  "Jensen-Shannon with --beta; rkl and jsd need --tail")
+                                  "Jensen-Shannon with --beta; on a store or --online-top-k, rkl and jsd need --tail")
     beta: float = option(0.5, group="loss", metavar="X", low=0, high=1, low_open=True, high_open=True,
                          help="jsd mixture weight: m = beta * teacher + (1 - beta) * student")
     loss_impl: str = option("kernel", group="loss", choices=("kernel", "reference"),
