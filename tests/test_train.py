@@ -2,7 +2,6 @@
 kill -9), two gloo processes against one, the tokenizer guard and the other setup errors."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,12 +19,9 @@ from kdengine.store import open_store
 from kdengine.train import TrainError, main
 from kdengine.train.data import collate
 from kdengine.train.model import TargetLogits
-from kdengine.train.student import make_student
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = str(REPO / "scripts" / "train.py")
-from conftest import BASE  # noqa: F401
-from conftest import store_dir, student_dir  # noqa: F401  (fixtures, in conftest; importable from here too)
 from conftest import assert_same_weights as _assert_same_weights
 from conftest import read_records as _records
 from conftest import train_args as _args

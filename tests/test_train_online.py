@@ -16,7 +16,7 @@ from kdengine.cli import cli
 from kdengine.losses import sparse_kl
 from kdengine.losses.dense_kl import dense_kl_rows
 from kdengine.store import open_store
-from kdengine.train import TrainError, main
+from kdengine.train import main
 from kdengine.train.data import collate
 from kdengine.train.hidden import PROJECTIONS_FILE, StudentWithHidden, hidden_loss_rows, layer_pairs
 from kdengine.train.model import TargetLogits
