@@ -8,8 +8,11 @@ only); the last columns say on how many seeds the interval lies wholly above or 
 table takes each arm's per-seed differences as paired samples: their mean and 95% t interval over
 seeds, the interval that covers training randomness.
 
-    python scripts/rskd_seeds.py scripts/results/rskd_quality_120steps_eval96.json \
+    python scripts/rskd_seeds.py [--plot scripts/results/rskd_quality_seeds.png] \
+        scripts/results/rskd_quality_120steps_eval96.json \
         scripts/results/rskd_quality_120steps_eval96_seed1.json > scripts/results/rskd_quality_seeds.md
+
+--plot also draws both as a forest plot (per seed and across seeds, per metric).
 """
 from __future__ import annotations
 
@@ -93,11 +96,56 @@ def render(results: list[dict], paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(results: list[dict]):
+    """A forest plot per metric: each arm's Δ against the baseline on every seed (held-out bootstrap
+    interval) and, below them, the mean over seeds with its t interval; the dashed line is no difference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [name for name in results[0]["scores"]
+            if name not in ("teacher", BASELINE) and all(name in r["scores"] for r in results)]
+    seeds = [r["args"]["seed"] for r in results]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(7 * len(METRICS), 0.9 + 0.35 * len(arms) * (len(seeds) + 2)),
+                             squeeze=False)
+    for ax, (metric, label) in zip(axes[0], METRICS):
+        ticks, names = [], []
+        y = 0.0
+        for arm in arms:
+            deltas = [r["scores"][arm]["vs_" + BASELINE][metric] for r in results]
+            for seed, (d, lo, hi) in zip(seeds, deltas):
+                ax.errorbar(d, y, xerr=[[d - lo], [hi - d]], fmt="o", color="tab:blue", ms=4, capsize=2)
+                ticks.append(y)
+                names.append(f"{arm}, seed {seed}")
+                y += 1
+            mean, half = t_interval([d for d, _, _ in deltas])
+            ax.errorbar(mean, y, xerr=half, fmt="D", color="black", ms=5, capsize=3)
+            ticks.append(y)
+            names.append(f"{arm}, mean over seeds")
+            y += 2
+        ax.axvline(0, color="gray", linestyle="--", linewidth=1)
+        ax.set_yticks(ticks, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"Δ {label} vs {BASELINE} (lower is better)")
+        ax.set_title(f"held-out {label}: dots per seed (95% bootstrap over problems),\n"
+                     "diamonds the mean over seeds (95% t interval over seeds)", fontsize=9)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
+    fig.tight_layout()
+    return fig
+
+
 def main() -> None:
-    paths = sys.argv[1:]
-    if len(paths) < 2:
+    args = sys.argv[1:]
+    figure = None
+    if len(args) >= 2 and args[0] == "--plot":
+        figure, args = Path(args[1]), args[2:]
+    if len(args) < 2:
         sys.exit(__doc__)
-    print(render([json.loads(Path(p).read_text()) for p in paths], paths), end="")
+    results = [json.loads(Path(p).read_text()) for p in args]
+    print(render(results, args), end="")
+    if figure is not None:
+        plot(results).savefig(figure, dpi=120)
 
 
 if __name__ == "__main__":

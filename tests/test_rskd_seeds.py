@@ -59,3 +59,13 @@ def test_an_arm_missing_from_some_seeds_is_named_and_left_out():
     assert "Arms not in every input, left out: sampled-12@T2." in text
     assert not any(line.startswith("| sampled-12@T2 ") for line in text.splitlines())
     assert any(line.startswith("| sampled-12 ") for line in text.splitlines())
+
+
+def test_forest_plot_has_a_row_per_arm_and_seed_and_one_per_arm_across_seeds():
+    results = [_result(s, [0.05 + s / 100, 0.04, 0.07], [0.0, -0.01, 0.01]) for s in range(3)]
+    ax_kl, ax_ece = rskd_seeds.plot(results).axes
+    labels = [t.get_text() for t in ax_kl.get_yticklabels()]
+    assert labels == ["sampled-12, seed 0", "sampled-12, seed 1", "sampled-12, seed 2", "sampled-12, mean over seeds"]
+    assert "KL" in ax_kl.get_xlabel() and "ECE" in ax_ece.get_xlabel()
+    means = [line.get_xdata()[0] for line in ax_kl.lines if line.get_marker() == "D"]
+    assert means == [pytest.approx(0.06)]  # the mean of the seeds' 0.05, 0.06, 0.07
