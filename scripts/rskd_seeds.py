@@ -36,7 +36,8 @@ def _verdict(intervals: list) -> str:
     return f"{above} higher, {below} lower, {len(intervals) - above - below} tie"
 
 
-def render(results: list[dict], paths: list[str]) -> str:
+def render(results: list[dict], paths: list[str], command: str | None = None) -> str:
+    """The two tables; `command` (default: the script on `paths`) is the line the header quotes."""
     seeds = [r["args"]["seed"] for r in results]
     if len(set(seeds)) != len(seeds):
         sys.exit(f"every input must come from another --seed, got seeds {seeds}")
@@ -50,7 +51,7 @@ def render(results: list[dict], paths: list[str]) -> str:
     lines = [
         "# RS-KD quality across training seeds (scripts/rskd_seeds.py)",
         "",
-        "`python scripts/rskd_seeds.py " + " ".join(paths) + "`",
+        "`" + (command or "python scripts/rskd_seeds.py " + " ".join(paths)) + "`",
         "",
         f"Seeds {', '.join(map(str, seeds))}; otherwise the same run: {results[0]['args']['steps']} steps, "
         f"{results[0]['args']['eval_problems']} held-out problems ({results[0]['scores']['teacher']['positions']} "
@@ -143,7 +144,7 @@ def main() -> None:
     if len(args) < 2:
         sys.exit(__doc__)
     results = [json.loads(Path(p).read_text()) for p in args]
-    print(render(results, args), end="")
+    print(render(results, args, "python scripts/rskd_seeds.py " + " ".join(sys.argv[1:])), end="")
     if figure is not None:
         plot(results).savefig(figure, dpi=120)
 
