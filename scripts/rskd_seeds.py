@@ -36,6 +36,11 @@ def _verdict(intervals: list) -> str:
     return f"{above} higher, {below} lower, {len(intervals) - above - below} tie"
 
 
+def _common_arms(results: list[dict]) -> list[str]:
+    """The arms (teacher excluded) that every input scored, in the first input's order."""
+    return [name for name in results[0]["scores"] if name != "teacher" and all(name in r["scores"] for r in results)]
+
+
 def render(results: list[dict], paths: list[str], command: str | None = None) -> str:
     """The two tables; `command` (default: the script on `paths`) is the line the header quotes."""
     seeds = [r["args"]["seed"] for r in results]
@@ -46,7 +51,7 @@ def render(results: list[dict], paths: list[str], command: str | None = None) ->
         other = {k: v for k, v in r["args"].items() if k not in PER_RUN}
         if other != fixed:
             sys.exit(f"{path} was run with other arguments than {paths[0]}: {other} vs {fixed}")
-    arms = [name for name in results[0]["scores"] if name != "teacher" and all(name in r["scores"] for r in results)]
+    arms = _common_arms(results)
     only_some = sorted({name for r in results for name in r["scores"]} - set(arms) - {"teacher"})
     lines = [
         "# RS-KD quality across training seeds (scripts/rskd_seeds.py)",
@@ -105,8 +110,7 @@ def plot(results: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = [name for name in results[0]["scores"]
-            if name not in ("teacher", BASELINE) and all(name in r["scores"] for r in results)]
+    arms = [name for name in _common_arms(results) if name != BASELINE]
     seeds = [r["args"]["seed"] for r in results]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(7 * len(METRICS), 0.9 + 0.35 * len(arms) * (len(seeds) + 2)),
                              squeeze=False)
