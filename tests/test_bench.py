@@ -5,7 +5,8 @@ import pytest
 from click.testing import CliRunner
 
 from kdengine.cli import cli
-from kdengine.evals.bench import REPORT_KEYS, break_even, distill_cost, rapl_domains, rapl_joules, read_rapl_uj
+from kdengine.evals.bench import (REPORT_KEYS, break_even, cpu_model, distill_cost, rapl_domains, rapl_joules,
+                                  read_rapl_uj)
 from kdengine.evals.gsm8k import EvalError
 
 
@@ -101,3 +102,24 @@ def test_bad_prompts_file_is_a_one_line_error(tmp_path, tiny_model_dir):
     result = CliRunner().invoke(cli, ["bench", "--model", str(tiny_model_dir), "--prompts", str(bad),
                                       "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and f"{bad}:2: expected a JSON object with a string field 'prompt'" in result.output
+
+
+def _cpuinfo(vendor, family, model, name):
+    block = f"processor\t: {{}}\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: {name}\n"
+    return block.format(0) + "\n" + block.format(1).replace(name, "other")
+
+
+@pytest.mark.parametrize("vendor, family, model, expected", [
+    ("AuthenticAMD", 23, 1, "AMD EPYC (family 23, model 1, Zen/Zen+)"),
+    ("AuthenticAMD", 23, 49, "AMD EPYC (family 23, model 49, Zen 2)"),
+    ("AuthenticAMD", 25, 1, "AMD EPYC (family 25, model 1, Zen 3)"),
+    ("AuthenticAMD", 25, 17, "AMD EPYC (family 25, model 17, Zen 4)"),
+    ("AuthenticAMD", 26, 2, "AMD EPYC (family 26, model 2, Zen 5)"),
+    ("GenuineIntel", 6, 143, "Intel Xeon (family 6, model 143)"),
+])
+def test_cpu_model_tells_hosts_with_the_same_name_apart(vendor, family, model, expected):
+    assert cpu_model(_cpuinfo(vendor, family, model, expected.split(" (")[0])) == expected
+
+
+def test_cpu_model_without_family_keeps_the_name():
+    assert cpu_model("processor\t: 0\nmodel name\t: Some CPU\n") == "Some CPU"

@@ -292,15 +292,43 @@ def _measure_in_subprocess(model: str, prompts: Sequence[str], **options) -> dic
         return json.loads(result.read_text())
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo), else what platform knows; for every benchmark's header."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's model name, with its x86 family and model (from /proc/cpuinfo), else what platform
+    knows; for every benchmark's header. Virtual machines often report a bare "AMD EPYC" for cores
+    as different as Zen 1 and Zen 4, so the family and model (and, for AMD, the core generation they
+    stand for) are what tells two hosts apart."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            if fields:
+                break  # the first processor's block is enough
+            continue
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    family, model = fields.get("cpu family", ""), fields.get("model", "")
+    if not (family.isdigit() and model.isdigit()):
+        return name
+    generation = _amd_generation(int(family), int(model)) if fields.get("vendor_id") == "AuthenticAMD" else None
+    return f"{name} (family {family}, model {model}{', ' + generation if generation else ''})"
+
+
+def _amd_generation(family: int, model: int) -> str | None:
+    """AMD's core generation for a family/model pair (AMD's published model ranges), None if unknown."""
+    if family == 0x17:
+        return "Zen/Zen+" if model < 0x30 else "Zen 2"
+    if family == 0x19:
+        return "Zen 4" if 0x10 <= model <= 0x1F or 0x60 <= model <= 0x7F or 0xA0 <= model <= 0xAF else "Zen 3"
+    if family == 0x1A:
+        return "Zen 5"
+    return None
 
 
 def _torch_threads() -> int:
