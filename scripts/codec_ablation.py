@@ -111,6 +111,7 @@ VARIANTS = [
 
 
 def patched(source: str, substitutions, name: str) -> str:
+    """source with each (old, new) substitution made; exits naming the variant if one does not match once."""
     for old, new in substitutions:
         count = source.count(old)
         if count != 1:
@@ -120,9 +121,9 @@ def patched(source: str, substitutions, name: str) -> str:
     return source
 
 
-def write_rows(directory: Path) -> int:
-    """The `every position` rows of the teacher cache as raw int32 arrays for the harness."""
-    cache = load_cache()
+def write_rows(directory: Path, cache: dict) -> int:
+    """The `every position` rows of the teacher cache (codec_teacher_cache.load_cache()'s arrays) as raw
+    int32 arrays for the harness; returns the number of rows."""
     offsets = np.concatenate([[0], np.cumsum(cache["lengths"])])
     first_row = np.concatenate([[0], np.cumsum(cache["lengths"] - 1)])
     parts = {name: [] for name in ("ids", "levels", "tail", "context", "previous", "next", "frame_rows")}
@@ -143,6 +144,7 @@ def write_rows(directory: Path) -> int:
 
 
 def build(work: Path, index: int, name: str, substitutions, flags) -> Path:
+    """The harness with variant `index`'s source compiled in, as work/variant{index}."""
     source = work / f"variant{index}.cpp"
     source.write_text(patched(SOURCE.read_text(), substitutions, name))
     binary = work / f"variant{index}"
@@ -162,7 +164,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="codec_ablation_") as tmp:
         work = Path(tmp)
-        rows = write_rows(work)
+        rows = write_rows(work, load_cache())
         binaries = [build(work, i, name, subs, flags) for i, (name, _, subs, flags, _) in enumerate(VARIANTS)]
         runs = [[] for _ in VARIANTS]
         for r in range(args.rounds):
