@@ -158,7 +158,7 @@ def main():
                       f"enc {r['enc']:,.0f}/s dec {r['dec']:,.0f}/s", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    table = render(results, args.repeats)
+    table = render(results, args.repeats, " ".join(["python", "scripts/bench_codec.py", *sys.argv[1:]]))
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
@@ -178,10 +178,10 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, 1 thread used, load average {load} (1/5/15 min) at the end of the run"
 
 
-def render(results, repeats) -> str:
+def render(results, repeats, command="python scripts/bench_codec.py") -> str:
     lines = ["# Store size, fidelity and codec speed (format v2)\n",
              f"SmolLM2-135M-Instruct top-64 on GSM8K test problems; codec `sqrt_ac`, delta 1/1100. "
-             f"`python scripts/bench_codec.py`. Machine: {machine()}.\n",
+             f"`{command}`. Machine: {machine()}.\n",
              "B/pos = every file of the written store / its target positions (as `kdengine inspect` shows "
              "it); the split columns are B/pos of each part (payload ids/values: the writer's estimate from "
              "the coder's symbol costs). Speeds: positions/s on one core, best (median) of "
