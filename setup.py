@@ -60,7 +60,7 @@ def _extension():
     with_cuda, reason = _cuda_choice()
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     sources = ["csrc/bindings.cpp", "csrc/sparse_kl_cpu.cpp", "csrc/sampled_kl_cpu.cpp", "csrc/topk_codec.cpp",
-               "csrc/topk_codec_bindings.cpp"]
+               "csrc/topk_codec_bindings.cpp", "csrc/sqrt_streams.cpp"]
     cxx = ["-O3", "-fopenmp"]
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "<unset: torch's default for the visible GPUs>")
     print(

@@ -1,4 +1,5 @@
-// The store's top-k coder for Python (numpy in, numpy/bytes out). Shapes are checked here; the
+// The store's top-k coders for Python (numpy in, numpy/bytes out): sqrt_ac's TopKCoder and the
+// integer half of the `sqrt` decode. Shapes are checked here; the
 // user-facing validation (ValueError naming the row) lives in kdengine/store/codec.py.
 #include "topk_codec_bindings.h"
 
@@ -11,6 +12,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
+#include "sqrt_streams.h"
 #include "topk_codec.h"
 
 namespace kdengine {
@@ -203,6 +205,37 @@ py::array_t<float> dequantize_levels(const Int32Array& levels, const Int32Array&
   return out;
 }
 
+const uint8_t* contiguous_bytes(const py::buffer_info& info, const char* what) {
+  if (info.ndim != 1 || info.itemsize != 1 || (info.shape[0] > 1 && info.strides[0] != 1)) {
+    throw py::value_error(std::string("sqrt_decode_streams: ") + what + " must be contiguous bytes");
+  }
+  return static_cast<const uint8_t*>(info.ptr);
+}
+
+py::tuple sqrt_decode(const py::buffer& streams, const py::buffer& bits, int64_t rows, int k, int escape_bits,
+                      int64_t max_level, const Int32Array& vocab_order) {
+  const py::buffer_info s = streams.request(), b = bits.request();
+  if (rows < 0 || k < 1 || escape_bits < 1 || escape_bits > 32 || max_level < 1 || max_level >= (1 << 20) ||
+      vocab_order.ndim() != 1) {
+    throw py::value_error("sqrt_decode_streams: expected rows >= 0, k >= 1, escape_bits in [1, 32], "
+                          "max_level in [1, 2^20) and a one-dimensional vocab_order");
+  }
+  const SqrtFrameShape shape{rows, k, escape_bits, max_level};
+  if (static_cast<uint64_t>(rows) * 2 > static_cast<uint64_t>(s.shape[0])) {  // before allocating for `rows`
+    throw TopKCodecError("stream ends at byte " + std::to_string(s.shape[0]) + ", needed " + std::to_string(2 * rows));
+  }
+  Int32Array ids({rows, static_cast<int64_t>(k)}), levels({rows, static_cast<int64_t>(k)}), tail({rows});
+  const uint8_t* stream_data = contiguous_bytes(s, "streams");
+  const uint8_t* bit_data = contiguous_bytes(b, "bits");
+  {
+    py::gil_scoped_release release;
+    sqrt_decode_streams(stream_data, static_cast<size_t>(s.shape[0]), bit_data, static_cast<size_t>(b.shape[0]),
+                        shape, vocab_order.data(), vocab_order.shape(0), ids.mutable_data(), levels.mutable_data(),
+                        tail.mutable_data());
+  }
+  return py::make_tuple(ids, levels, tail);
+}
+
 }  // namespace
 
 void bind_topk_codec(py::module_& m) {
@@ -229,6 +262,10 @@ void bind_topk_codec(py::module_& m) {
       .def_static("dequantize_levels", &dequantize_levels, py::arg("levels"), py::arg("tail"), py::arg("log_level"),
                   "int32 levels [P, K] and tail [P], float64 log_level table -> float32 log-probs [P, K]: "
                   "log_level[level] - log(sum of squared levels + tail^2) per row");
+  m.def("sqrt_decode_streams", &sqrt_decode, py::arg("streams"), py::arg("bits"), py::arg("rows"), py::arg("k"),
+        py::arg("escape_bits"), py::arg("max_level"), py::arg("vocab_order"),
+        "the `sqrt` codec's decompressed streams + low bits -> (ids int32 [P, K], levels int32 [P, K], tail int32 "
+        "[P]), as SqrtCodec's numpy decoder gives them; raises TopKCodecError");
 }
 
 }  // namespace kdengine

@@ -33,6 +33,7 @@ column group. About 102 payload B/position at K=64. Pure Python + zstd.
 """
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -265,6 +266,10 @@ class SqrtCodec:
             self.zstd_level, format=zstandard.FORMAT_ZSTD1_MAGICLESS, write_checksum=0, write_dict_id=0)
         self._zc = zstandard.ZstdCompressor(compression_params=params)
         self._zd = zstandard.ZstdDecompressor(format=zstandard.FORMAT_ZSTD1_MAGICLESS)
+        scaled = np.arange(self.max_level + 1).astype(np.float64) * self.delta  # level 0 is never decoded
+        self._square_of_level = scaled * scaled
+        with np.errstate(divide="ignore"):
+            self._two_log_of_level = 2.0 * np.log(scaled)
 
     @property
     def table(self) -> np.ndarray:
@@ -368,6 +373,26 @@ class SqrtCodec:
             data = self._zd.decompress(body)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd body does not decompress: {exc}") from None
+        decoder = _sqrt_streams_decoder()
+        if decoder is None:
+            ids, level, tail_level = self.decode_integers(data, bits, n_pos, k)
+        else:
+            try:
+                ids, level, tail_level = decoder(data, bits, n_pos, k, self._escape_bits, self.max_level,
+                                                 self.vocab_order)
+            except _coder_error() as exc:
+                raise CodecError(str(exc)) from None
+
+        # logp = 2 log(level * delta) - log(sum (level * delta)^2 + (tail * delta)^2), each per-level
+        # term looked up in a table of the same float64 operations on every level.
+        log_z = np.log(self._square_of_level[level].sum(axis=1) + self._square_of_level[tail_level])
+        logp = self._two_log_of_level[level] - log_z[:, None]
+        return ids, logp.astype(np.float32)
+
+    def decode_integers(self, data, bits, n_pos, k):
+        """The reference (numpy) integer decode: decompressed streams + low bits -> (ids int32 [P, K],
+        levels int64 [P, K], tail levels int64 [P]). `decode` uses csrc/sqrt_streams.cpp instead when the
+        extension is built; the two give the same arrays and raise CodecError with the same messages."""
         reader = _ByteReader(np.frombuffer(data, np.uint8))
         # Pass 1: read every symbol stream; each part knows how many low bits its symbols carry.
         parts = []  # (kind, where, symbols, low-bit counts), in the encoder's order
@@ -421,7 +446,8 @@ class SqrtCodec:
             level[:, :-1] = level[:, -1:] + np.cumsum(step[:, ::-1], axis=1)[:, ::-1]
         residual = np.where(heads[:, 1] % 2 == 0, heads[:, 1] // 2, -(heads[:, 1] + 1) // 2)
         tail_level = self._predicted_tail_level(level) + residual
-        if n_pos and (level[:, 0].max() > self.max_level or tail_level.min() < 1 or tail_level.max() > self.max_level):
+        if n_pos and (level[:, 0].max() > self.max_level or level[:, -1].min() < 1 or tail_level.min() < 1
+                      or tail_level.max() > self.max_level):
             raise CodecError("decoded levels fall outside [1, ceil(1/delta)]")
         tie_start = np.ones((n_pos, k), bool)
         tie_start[:, 1:] = step > 0
@@ -429,13 +455,9 @@ class SqrtCodec:
         rank = _undo_gaps(value, tie_start)
         if n_pos and rank.max() >= self.vocab_size:
             raise CodecError(f"a decoded rank is >= the vocabulary size {self.vocab_size}")
-        ids = self.vocab_order[rank]
-
-        sq = level.astype(np.float64) * self.delta
-        tail_sq = tail_level.astype(np.float64) * self.delta
-        log_z = np.log((sq * sq).sum(axis=1) + tail_sq * tail_sq)
-        logp = 2.0 * np.log(sq) - log_z[:, None]
-        return ids.astype(np.int32), logp.astype(np.float32)
+        if n_pos and rank.min() < 0:
+            raise CodecError("a decoded rank is negative")
+        return self.vocab_order[rank].astype(np.int32), level, tail_level
 
 
 class SqrtAcCodec:
@@ -603,6 +625,19 @@ def _coder_error():
     return _C.TopKCodecError
 
 
+@functools.lru_cache(maxsize=None)
+def _sqrt_streams_decoder():
+    """kdengine._C.sqrt_decode_streams, or None without the extension (or with one built from older
+    sources): `sqrt` then decodes with its numpy reference, to the same arrays."""
+    try:
+        import torch  # noqa: F401  (kdengine._C links against torch's libraries, which torch loads)
+
+        from kdengine import _C
+    except ImportError:
+        return None
+    return getattr(_C, "sqrt_decode_streams", None)
+
+
 # ---- helpers ----------------------------------------------------------------------------------
 def _no_counts(name, counts):
     if counts is not None:
@@ -741,6 +776,8 @@ def _unpack_bits(buf, nbits):
         raise CodecError(f"expected {(total + 7) // 8} bytes of low bits, got {raw.size}")
     if total == 0:
         return np.zeros(nbits.size, np.int64)
+    if nbits.max() > 57:
+        raise CodecError("a low-bit field is wider than 57 bits")
     starts = np.cumsum(nbits) - nbits
     padded = np.concatenate([raw, np.zeros(8, np.uint8)])
     windows = np.lib.stride_tricks.as_strided(padded, shape=(raw.size + 1, 8), strides=(1, 1))
