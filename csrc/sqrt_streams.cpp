@@ -1,13 +1,15 @@
-// The `sqrt` codec's streams -> ids, levels, tail levels; the spec is kdengine/store/FORMAT.md ("sqrt")
-// and the reference SqrtCodec.decode in kdengine/store/codec.py, which this follows step by step
-// (the same checks in the same order, the same messages). Integers wrap as numpy's int64 do.
+// The `sqrt` codec's rows <-> streams; the spec is kdengine/store/FORMAT.md ("sqrt") and the reference
+// is SqrtCodec in kdengine/store/codec.py, which the decoder follows step by step (the same checks in
+// the same order, the same messages; integers wrap as numpy's int64 do).
 #include "sqrt_streams.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "topk_codec.h"
@@ -57,6 +59,55 @@ class BitReader {
   size_t at_ = 0;
 };
 
+// The column groups [lo, hi) of a row of k entries: [0,1), [1,4), [4,16), [16,k), clipped, empty dropped.
+std::vector<std::pair<int, int>> column_groups(int k) {
+  std::vector<std::pair<int, int>> groups;
+  for (size_t g = 0; g < std::size(kColumnGroups); ++g) {
+    const int lo = kColumnGroups[g];
+    const int hi = std::min(g + 1 < std::size(kColumnGroups) ? kColumnGroups[g + 1] : k, k);
+    if (lo < k) groups.emplace_back(lo, hi);
+  }
+  return groups;
+}
+
+// A number v >= 0 as a byte symbol (its magnitude class and `sub` leading mantissa bits) and raw low
+// bits (codec.py's _bucket). v = -1, which only repeated ids give, is symbol 0.
+struct Bucketed {
+  uint8_t symbol, nbits;
+  uint64_t low;
+};
+Bucketed bucket(int64_t v, int sub) {
+  const uint64_t a = static_cast<uint64_t>(v + 1);
+  const int e = a ? 63 - __builtin_clzll(a) : 0;
+  if (e <= sub) return {static_cast<uint8_t>(a), 0, 0};
+  const int n = e - sub;
+  const uint64_t top = a >> n;
+  return {static_cast<uint8_t>(((e - sub) << sub) + top), static_cast<uint8_t>(n), a - (top << n)};
+}
+
+// The low bits as one big-endian bit string, zero-padded to a byte (numpy.packbits order).
+class BitWriter {
+ public:
+  explicit BitWriter(std::vector<uint8_t>& out) : out_(out) {}
+  void put(uint64_t value, int n) {  // n <= kMaxField
+    acc_ = (acc_ << n) | value;
+    count_ += n;
+    while (count_ >= 8) {
+      count_ -= 8;
+      out_.push_back(static_cast<uint8_t>(acc_ >> count_));
+    }
+  }
+  void finish() {
+    if (count_) out_.push_back(static_cast<uint8_t>(acc_ << (8 - count_)));
+    count_ = 0;
+  }
+
+ private:
+  std::vector<uint8_t>& out_;
+  uint64_t acc_ = 0;
+  int count_ = 0;
+};
+
 struct Group {
   int lo, hi, width;  // columns [lo, hi); width = step columns max(lo, 1)..hi-1
   bool nibbles;
@@ -74,6 +125,95 @@ struct Group {
 std::string str(uint64_t v) { return std::to_string(v); }
 
 }  // namespace
+
+SqrtStreams sqrt_encode_streams(const int32_t* levels, const int32_t* ranks, const int32_t* tail,
+                                const SqrtFrameShape& shape) {
+  const int64_t rows = shape.rows;
+  const int k = shape.k;
+  // Each row by level descending, then rank ascending (an insertion sort: rows come sorted by
+  // probability, so only entries with equal levels move).
+  std::vector<int32_t> level(static_cast<size_t>(rows) * k), rank(static_cast<size_t>(rows) * k);
+  for (int64_t r = 0; r < rows; ++r) {
+    int32_t* lv = level.data() + r * k;
+    int32_t* rk = rank.data() + r * k;
+    for (int j = 0; j < k; ++j) {
+      const int32_t l = levels[r * k + j], q = ranks[r * k + j];
+      if (l < 1 || l > shape.max_level) throw std::invalid_argument("row " + std::to_string(r) + ": level out of range");
+      if (q < 0) throw std::invalid_argument("row " + std::to_string(r) + ": rank out of range");
+      int at = j;
+      for (; at > 0 && (lv[at - 1] < l || (lv[at - 1] == l && rk[at - 1] > q)); --at) {
+        lv[at] = lv[at - 1];
+        rk[at] = rk[at - 1];
+      }
+      lv[at] = l;
+      rk[at] = q;
+    }
+    if (tail[r] < 1 || tail[r] > shape.max_level) {
+      throw std::invalid_argument("row " + std::to_string(r) + ": tail level out of range");
+    }
+  }
+  auto step = [&](int64_t r, int j) { return level[r * k + j - 1] - level[r * k + j]; };  // j >= 1
+  auto starts_tie = [&](int64_t r, int j) { return j == 0 || step(r, j) > 0; };
+
+  SqrtStreams out;
+  BitWriter low(out.bits);
+  std::vector<uint8_t> head(2 * static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t squares = 0;
+    for (int j = 0; j < k; ++j) squares += static_cast<int64_t>(level[r * k + j]) * level[r * k + j];
+    const int64_t room = shape.max_level * shape.max_level - squares;
+    const int64_t predicted = static_cast<int64_t>(std::nearbyint(std::sqrt(static_cast<double>(std::max<int64_t>(room, 0)))));
+    const int64_t residual = tail[r] - predicted;
+    const int64_t parts[2] = {level[r * k + k - 1] - 1, residual >= 0 ? 2 * residual : -2 * residual - 1};
+    for (int h = 0; h < 2; ++h) {
+      const Bucketed b = bucket(parts[h], kHeadSub);
+      head[2 * r + h] = b.symbol;
+      low.put(b.low, b.nbits);
+    }
+  }
+  out.streams.push_back(std::move(head));
+  for (const auto& [lo, hi] : column_groups(k)) {
+    const int first = std::max(lo, 1), width = hi - first;
+    if (width > 0) {
+      const bool nibbles = lo >= kNibbleFrom;
+      const int64_t cap = nibbles ? 15 : 255;
+      std::vector<uint8_t> steps;
+      steps.reserve(static_cast<size_t>(rows) * width);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int c = 0; c < width; c += nibbles ? 2 : 1) {
+          const int64_t s = std::min<int64_t>(step(r, first + c), cap);
+          if (!nibbles) {
+            steps.push_back(static_cast<uint8_t>(s));
+          } else {
+            const int64_t second = c + 1 < width ? std::min<int64_t>(step(r, first + c + 1), cap) : 0;
+            steps.push_back(static_cast<uint8_t>(s * 16 + second));
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int c = 0; c < width; ++c) {
+          if (step(r, first + c) >= cap) low.put(static_cast<uint64_t>(step(r, first + c) - cap), shape.escape_bits);
+        }
+      }
+      out.streams.push_back(std::move(steps));
+    }
+    for (const bool ties : {true, false}) {
+      std::vector<uint8_t> symbols;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int j = lo; j < hi; ++j) {
+          if (starts_tie(r, j) != ties) continue;
+          const int64_t q = rank[r * k + j];
+          const Bucketed b = bucket(ties ? q : q - rank[r * k + j - 1] - 1, kIdSub);
+          symbols.push_back(b.symbol);
+          low.put(b.low, b.nbits);
+        }
+      }
+      out.streams.push_back(std::move(symbols));
+    }
+  }
+  low.finish();
+  return out;
+}
 
 void sqrt_decode_streams(const uint8_t* streams, size_t streams_size, const uint8_t* bits, size_t bits_size,
                          const SqrtFrameShape& shape, const int32_t* vocab_order, int64_t vocab, int32_t* ids,
@@ -100,10 +240,7 @@ void sqrt_decode_streams(const uint8_t* streams, size_t streams_size, const uint
   const uint8_t* heads = take(2 * static_cast<uint64_t>(rows));
   count_fields(heads, 2 * rows, kHeadTable);
   std::vector<Group> groups;
-  for (size_t g = 0; g < std::size(kColumnGroups); ++g) {
-    const int lo = kColumnGroups[g];
-    const int hi = std::min(g + 1 < std::size(kColumnGroups) ? kColumnGroups[g + 1] : k, k);
-    if (lo >= k) continue;
+  for (const auto& [lo, hi] : column_groups(k)) {
     Group group{lo, hi, hi - std::max(lo, 1), lo >= kNibbleFrom};
     uint64_t tie_count = static_cast<uint64_t>(rows) * (hi - lo);
     if (group.width > 0) {

@@ -29,7 +29,7 @@ void check_array(const Int32Array& a, const char* name, std::vector<int64_t> sha
       for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
       return s + "]";
     };
-    throw py::value_error(std::string("TopKCoder: ") + name + " must have shape " + show(shape) + ", got " + show(got));
+    throw py::value_error(std::string(name) + " must have shape " + show(shape) + ", got " + show(got));
   }
 }
 
@@ -236,6 +236,26 @@ py::tuple sqrt_decode(const py::buffer& streams, const py::buffer& bits, int64_t
   return py::make_tuple(ids, levels, tail);
 }
 
+py::tuple sqrt_encode(const Int32Array& levels, const Int32Array& ranks, const Int32Array& tail, int escape_bits,
+                      int64_t max_level) {
+  if (levels.ndim() != 2 || escape_bits < 1 || escape_bits > 32 || max_level < 1 || max_level >= (1 << 20)) {
+    throw py::value_error("sqrt_encode_streams: expected levels [P, K], escape_bits in [1, 32] and max_level in "
+                          "[1, 2^20)");
+  }
+  const int64_t rows = levels.shape(0), k = levels.shape(1);
+  check_array(ranks, "ranks", {rows, k});
+  check_array(tail, "tail", {rows});
+  const SqrtFrameShape shape{rows, static_cast<int>(k), escape_bits, max_level};
+  SqrtStreams out;
+  {
+    py::gil_scoped_release release;
+    out = sqrt_encode_streams(levels.data(), ranks.data(), tail.data(), shape);
+  }
+  py::list streams;
+  for (const auto& stream : out.streams) streams.append(py::bytes(reinterpret_cast<const char*>(stream.data()), stream.size()));
+  return py::make_tuple(streams, py::bytes(reinterpret_cast<const char*>(out.bits.data()), out.bits.size()));
+}
+
 }  // namespace
 
 void bind_topk_codec(py::module_& m) {
@@ -266,6 +286,11 @@ void bind_topk_codec(py::module_& m) {
         py::arg("escape_bits"), py::arg("max_level"), py::arg("vocab_order"),
         "the `sqrt` codec's decompressed streams + low bits -> (ids int32 [P, K], levels int32 [P, K], tail int32 "
         "[P]), as SqrtCodec's numpy decoder gives them; raises TopKCodecError");
+  m.def("sqrt_encode_streams", &sqrt_encode, py::arg("levels"), py::arg("ranks"), py::arg("tail"),
+        py::arg("escape_bits"), py::arg("max_level"),
+        "int32 levels and id ranks [P, K] (any order in a row), tail levels [P] -> (the `sqrt` codec's symbol "
+        "streams, each its own zstd block, as a list of bytes; the low bits), as SqrtCodec's numpy encoder "
+        "makes them");
 }
 
 }  // namespace kdengine

@@ -1,14 +1,15 @@
-"""The `sqrt` codec's C++ integer decode (csrc/sqrt_streams.cpp) against its numpy reference
-(SqrtCodec.decode_integers): the same arrays on random frames of many shapes (ties, escaped steps in
-byte and nibble groups, large vocabularies), the same error on corrupted streams, and log-probs equal
-to FORMAT.md's formula computed directly."""
+"""The `sqrt` codec's C++ integer encode and decode (csrc/sqrt_streams.cpp) against their numpy
+references (SqrtCodec.encode_streams, .decode_integers): the same bytes and the same arrays on random
+frames of many shapes (ties, escaped steps in byte and nibble groups, large vocabularies), the same
+error on corrupted streams, and log-probs equal to FORMAT.md's formula computed directly."""
 import numpy as np
 import pytest
 
 from kdengine.store import codec as codec_module
 from kdengine.store.codec import CodecError, _unpack_frame, learn_vocab_order, make_codec
 
-pytestmark = pytest.mark.skipif(codec_module._sqrt_streams_decoder() is None,
+pytestmark = pytest.mark.skipif(codec_module._sqrt_streams_decoder() is None
+                                or codec_module._sqrt_streams_encoder() is None,
                                 reason="needs the compiled extension kdengine._C")
 
 
@@ -137,3 +138,21 @@ def test_a_row_count_the_streams_cannot_hold_is_refused_before_anything_is_alloc
     data, bits, _, k = _streams(codec, frame)
     with pytest.raises(codec_module._coder_error(), match=f"stream ends at byte {len(data)}, needed 8000000000"):
         _cpp(codec, data, bits, 4_000_000_000, k)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cpp_encode_writes_the_numpy_reference_bytes(seed, monkeypatch):
+    rng = np.random.default_rng(100 + seed)
+    shapes = SHAPES + [(5, 64)]
+    frames = list(_frames(seed, shapes))
+    for codec, frame, idx, logp in frames:
+        level, tail = codec_module._sqrt_levels(logp, codec.delta, codec.max_level)
+        shuffle = np.argsort(rng.random(idx.shape), axis=1)  # a row's entries may come in any order
+        level, rank = np.take_along_axis(level, shuffle, 1), np.take_along_axis(codec._rank[idx], shuffle, 1)
+        want = codec.encode_streams(level, rank, tail)
+        got = codec_module._sqrt_streams_encoder()(level.astype(np.int32), rank.astype(np.int32),
+                                                     tail.astype(np.int32), codec._escape_bits, codec.max_level)
+        assert list(got[0]) == want[0] and got[1] == want[1], idx.shape
+    monkeypatch.setattr(codec_module, "_sqrt_streams_encoder", lambda: None)
+    for codec, frame, idx, logp in frames:
+        assert codec.encode(idx, logp) == frame  # the numpy fallback writes the same frames

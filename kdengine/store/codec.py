@@ -307,6 +307,19 @@ class SqrtCodec:
         n_pos, k = idx.shape
         level, tail_level = _sqrt_levels(logp, self.delta, self.max_level)
         rank = self._rank[idx]
+        encoder = _sqrt_streams_encoder()
+        if encoder is None:
+            streams, bits = self.encode_streams(level, rank, tail_level)
+        else:
+            streams, bits = encoder(level.astype(np.int32), rank.astype(np.int32), tail_level.astype(np.int32),
+                                    self._escape_bits, self.max_level)
+        return _pack_frame("sqrt", n_pos, k, self._compress(streams), bits)
+
+    def encode_streams(self, level, rank, tail_level):
+        """The reference (numpy) integer encode: levels and id ranks [P, K] (any order in a row), tail
+        levels [P] -> (the symbol streams as a list of bytes, each its own zstd block; the low bits).
+        `encode` uses csrc/sqrt_streams.cpp instead when the extension is built; both give the same bytes."""
+        n_pos, k = level.shape
         order = np.argsort(-level * self.vocab_size + rank, axis=1, kind="stable")
         level = np.take_along_axis(level, order, 1)
         rank = np.take_along_axis(rank, order, 1)
@@ -343,9 +356,8 @@ class SqrtCodec:
                 streams.append(sym)
                 fields.append((low, nbits))
 
-        body = self._compress([s.astype(np.uint8).ravel().tobytes() for s in streams])
         bits = _pack_bits(np.concatenate([f[0] for f in fields]), np.concatenate([f[1] for f in fields]))
-        return _pack_frame("sqrt", n_pos, k, body, bits)
+        return [s.astype(np.uint8).ravel().tobytes() for s in streams], bits
 
     def _compress(self, chunks: list[bytes]) -> bytes:
         obj = self._zc.compressobj(size=sum(len(c) for c in chunks))
@@ -626,16 +638,27 @@ def _coder_error():
 
 
 @functools.lru_cache(maxsize=None)
-def _sqrt_streams_decoder():
-    """kdengine._C.sqrt_decode_streams, or None without the extension (or with one built from older
-    sources): `sqrt` then decodes with its numpy reference, to the same arrays."""
+def _compiled(name: str):
+    """kdengine._C.<name>, or None without the extension (or with one built from older sources)."""
     try:
         import torch  # noqa: F401  (kdengine._C links against torch's libraries, which torch loads)
 
         from kdengine import _C
     except ImportError:
         return None
-    return getattr(_C, "sqrt_decode_streams", None)
+    return getattr(_C, name, None)
+
+
+def _sqrt_streams_decoder():
+    """The C++ `sqrt` stream decoder, or None: `sqrt` then decodes with its numpy reference, to the
+    same arrays."""
+    return _compiled("sqrt_decode_streams")
+
+
+def _sqrt_streams_encoder():
+    """The C++ `sqrt` stream encoder, or None: `sqrt` then encodes with its numpy reference, to the
+    same bytes."""
+    return _compiled("sqrt_encode_streams")
 
 
 # ---- helpers ----------------------------------------------------------------------------------
