@@ -221,9 +221,10 @@ def store_top_k(targets: str, top_k: int | None) -> int:
 @click.option("--skip-bad-lines", is_flag=True,
               help="List malformed corpus lines and go on, instead of stopping at the first.")
 @click.option("--codec", type=click.Choice(["sqrt_ac", "sqrt", "raw"]), default="sqrt_ac", show_default=True,
-              help="sqrt_ac: ~87 payload bytes/position at K=64, mean KL ~9e-6 (context-modelled; needs the "
-                   "compiled extension); sqrt: the same values in ~102, pure Python; raw: lossless fp32. "
-                   "See kdengine/store/FORMAT.md and the README's store section.")
+              help="sqrt_ac: ~90 bytes/position on disk at K=64, mean KL ~9e-6 (context-modelled; needs the "
+                   "compiled extension). sqrt: the same values in ~107 bytes/position, encoded and decoded 4-5x "
+                   "faster (C++ in the extension, numpy without it): for training short of decode cores. "
+                   "raw: lossless fp32. See kdengine/store/FORMAT.md and the README's store section.")
 @click.option("--top-p", "top_p", type=float, default=None,
               help="Adaptive K: keep at each position the smallest prefix of the sorted distribution whose mass "
                    "reaches X (at least 1 entry, at most --top-k); the tail bucket holds the rest. `kdengine "
