@@ -5,7 +5,7 @@ Run from the repository root:
 
     python scripts/bench_loader.py                 # workers 0 1 2, 3 rounds
 
-A K=64 `sqrt_ac` store (every position a target) is written from the cached SmolLM2-135M top-64 of
+A K=64 store (every position a target; `--codec`, default `sqrt_ac`) is written from the cached SmolLM2-135M top-64 of
 GSM8K test problems, its samples repeated to `--copies` shards. The DataLoader yields collated batches of
 `--batch-samples` samples (as the trainer's loader does: one dataset item is one batch), from
 `store.samples(ids)` (one decode call per shard per batch) or, for comparison, `[store[i] for i in
@@ -54,9 +54,9 @@ class Batches(torch.utils.data.Dataset):
         return collate(samples, pad_id=0)
 
 
-def write(directory, samples, copies):
+def write(directory, samples, copies, codec):
     header = StoreHeader(teacher="SmolLM2-135M-Instruct", tokenizer_fingerprint="0" * 64, vocab_size=49152, k=64,
-                         codec="sqrt_ac", codec_params={"delta": 1 / 1100}, config={"shard_samples": len(samples)})
+                         codec=codec, codec_params={"delta": 1 / 1100}, config={"shard_samples": len(samples)})
     writer = StoreWriter(directory, header)
     for c in range(copies):
         builder = ShardBuilder(header)
@@ -78,6 +78,7 @@ def run(directory, batches, workers, batched):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--codec", choices=["sqrt_ac", "sqrt"], default="sqrt_ac", help="the store's codec")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--copies", type=int, default=2, help="shards, each one copy of the cached samples")
     ap.add_argument("--batch-samples", type=int, default=8)
@@ -87,7 +88,7 @@ def main():
     samples = layouts(load_cache())["every position"]
     work = Path(tempfile.mkdtemp(prefix="bench_loader_"))
     try:
-        store = write(work / "store", samples, args.copies)
+        store = write(work / "store", samples, args.copies, args.codec)
         order = np.random.default_rng(0).permutation(len(store)).tolist()
         batches = [order[i:i + args.batch_samples] for i in range(0, len(order), args.batch_samples)]
         configs = [(w, batched) for w in args.workers for batched in (True, False)]
@@ -101,10 +102,10 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lines = ["# Loader: store decode + collate through the DataLoader\n",
-             f"K=64 `sqrt_ac` store of SmolLM2-135M top-64 on GSM8K test text, every position a target: "
+             f"K=64 `{args.codec}` store of SmolLM2-135M top-64 on GSM8K test text, every position a target: "
              f"{n_pos:,} positions in {args.copies} shards, batches of {args.batch_samples} samples in random "
              f"order. Positions/s of wall time, min / median of {args.rounds} alternated rounds. "
-             f"`python scripts/bench_loader.py`. Machine: {machine()}.\n",
+             f"`{' '.join(['python', 'scripts/bench_loader.py', *sys.argv[1:]])}`. Machine: {machine()}.\n",
              "| workers | decode | positions/s min | positions/s median |", "|---:|---|---:|---:|"]
     for (w, batched), rs in rates.items():
         lines.append(f"| {w} | {'store.samples (one call per shard)' if batched else 'store[i] per sample'} "
