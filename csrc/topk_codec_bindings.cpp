@@ -1,5 +1,5 @@
 // The store's top-k coders for Python (numpy in, numpy/bytes out): sqrt_ac's TopKCoder and the
-// integer half of the `sqrt` decode. Shapes are checked here; the
+// integer half of the `sqrt` codec. Shapes are checked here; the
 // user-facing validation (ValueError naming the row) lives in kdengine/store/codec.py.
 #include "topk_codec_bindings.h"
 
@@ -220,13 +220,13 @@ py::tuple sqrt_decode(const py::buffer& streams, const py::buffer& bits, int64_t
     throw py::value_error("sqrt_decode_streams: expected rows >= 0, k >= 1, escape_bits in [1, 32], "
                           "max_level in [1, 2^20) and a one-dimensional vocab_order");
   }
-  const SqrtFrameShape shape{rows, k, escape_bits, max_level};
+  const uint8_t* stream_data = contiguous_bytes(s, "streams");
+  const uint8_t* bit_data = contiguous_bytes(b, "bits");
   if (static_cast<uint64_t>(rows) * 2 > static_cast<uint64_t>(s.shape[0])) {  // before allocating for `rows`
     throw TopKCodecError("stream ends at byte " + std::to_string(s.shape[0]) + ", needed " + std::to_string(2 * rows));
   }
+  const SqrtFrameShape shape{rows, k, escape_bits, max_level};
   Int32Array ids({rows, static_cast<int64_t>(k)}), levels({rows, static_cast<int64_t>(k)}), tail({rows});
-  const uint8_t* stream_data = contiguous_bytes(s, "streams");
-  const uint8_t* bit_data = contiguous_bytes(b, "bits");
   {
     py::gil_scoped_release release;
     sqrt_decode_streams(stream_data, static_cast<size_t>(s.shape[0]), bit_data, static_cast<size_t>(b.shape[0]),
@@ -238,9 +238,10 @@ py::tuple sqrt_decode(const py::buffer& streams, const py::buffer& bits, int64_t
 
 py::tuple sqrt_encode(const Int32Array& levels, const Int32Array& ranks, const Int32Array& tail, int escape_bits,
                       int64_t max_level) {
-  if (levels.ndim() != 2 || escape_bits < 1 || escape_bits > 32 || max_level < 1 || max_level >= (1 << 20)) {
-    throw py::value_error("sqrt_encode_streams: expected levels [P, K], escape_bits in [1, 32] and max_level in "
-                          "[1, 2^20)");
+  if (levels.ndim() != 2 || levels.shape(1) < 1 || escape_bits < 1 || escape_bits > 32 || max_level < 1 ||
+      max_level >= (1 << 20)) {
+    throw py::value_error("sqrt_encode_streams: expected levels [P, K >= 1], escape_bits in [1, 32] and max_level "
+                          "in [1, 2^20)");
   }
   const int64_t rows = levels.shape(0), k = levels.shape(1);
   check_array(ranks, "ranks", {rows, k});
