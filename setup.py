@@ -61,7 +61,10 @@ def _extension():
     os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
     sources = ["csrc/bindings.cpp", "csrc/sparse_kl_cpu.cpp", "csrc/sampled_kl_cpu.cpp", "csrc/topk_codec.cpp",
                "csrc/topk_codec_bindings.cpp", "csrc/sqrt_streams.cpp"]
-    cxx = ["-O3", "-fopenmp"]
+    # -fno-trapping-math: without it GCC keeps a branch for each select of the kernels' inner loops
+    # (exp2_fast's clamp and flush) and leaves the AVX2 and SSE clones scalar; only the AVX-512 one,
+    # with masked lanes, vectorized. Nothing here reads the floating-point exception flags.
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "<unset: torch's default for the visible GPUs>")
     print(
         f"kdengine: building the sparse-KL extension for CPU{' + CUDA' if with_cuda else ' only'} ({reason}); "
