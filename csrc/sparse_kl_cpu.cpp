@@ -2,7 +2,9 @@
 // chunks on demand so that cheap ignored rows (padding clusters at the end of a batch) or a busy core
 // do not leave threads idle; each row is streamed once in L1-sized chunks with an online max /
 // sum-exp. The inner loops are plain loops the compiler vectorizes, compiled for AVX-512, AVX2 and
-// baseline x86-64 with runtime selection (target_clones). Math shared with CUDA: sparse_kl_math.h.
+// baseline x86-64 with runtime selection (target_clones); the AVX2 and SSE clones vectorize only
+// with -fno-trapping-math (setup.py; tests/test_kernel_vectorized.py checks the built library).
+// Math shared with CUDA: sparse_kl_math.h.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -13,6 +13,8 @@ call `load_cache()`.
 """
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -72,14 +74,20 @@ def build() -> None:
             negent.append((lp.exp() * lp).sum(-1).double().numpy())
         print(f"\rteacher: {start + len(batch)}/{len(samples)} samples", end="", file=sys.stderr)
     print(file=sys.stderr)
-    CACHE.parent.mkdir(parents=True, exist_ok=True)
-    tmp = CACHE.with_suffix(".tmp.npz")
-    np.savez(tmp, idx=np.concatenate(idx), logp=np.concatenate(logp), neg_entropy=np.concatenate(negent),
+    from kdengine.durable import write_atomic
+
+    buf = io.BytesIO()
+    np.savez(buf, idx=np.concatenate(idx), logp=np.concatenate(logp), neg_entropy=np.concatenate(negent),
              input_ids=np.concatenate([s for s, _ in samples]), lengths=np.array([len(s) for s, _ in samples]),
              answer_start=np.array([a for _, a in samples]))
-    tmp.rename(CACHE)
+    CACHE.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(CACHE, buf.getvalue())
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rebuild", action="store_true", help="build the cache again even if it exists")
+    if ap.parse_args().rebuild:
+        build()
     load_cache()
     print(CACHE)

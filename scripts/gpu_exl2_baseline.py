@@ -5,8 +5,8 @@ EXL2 against both, and EXL2 run twice on the same input (determinism), over GSM8
 Prerequisites: a GPU machine where `scripts/gpu_check_exl2.py --stages build,hf,convert` filled WORK.
     PYTHONPATH=$PWD:scripts python scripts/gpu_exl2_baseline.py WORK gsm8k-test.jsonl [N]
 """
+import argparse
 import json
-import sys
 
 import torch
 
@@ -41,4 +41,9 @@ def main(work: str, data: str, n: int = 48) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:4]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work", help="the directory gpu_check_exl2.py filled (hf/, exl2-8.0/)")
+    ap.add_argument("data", help="GSM8K .jsonl (question, answer)")
+    ap.add_argument("n", type=int, nargs="?", default=48, help="samples (default: 48)")
+    args = ap.parse_args()
+    main(args.work, args.data, args.n)

@@ -10,6 +10,7 @@ Writes scripts/results/rskd_convergence.png and .md.
 """
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -73,4 +74,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -16,6 +16,7 @@ seeds, the interval that covers training randomness.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -141,16 +142,16 @@ def plot(results: list[dict]):
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    figure = None
-    if len(args) >= 2 and args[0] == "--plot":
-        figure, args = Path(args[1]), args[2:]
-    if len(args) < 2:
-        sys.exit(__doc__)
-    results = [json.loads(Path(p).read_text()) for p in args]
-    print(render(results, args, "python scripts/rskd_seeds.py " + " ".join(sys.argv[1:])), end="")
-    if figure is not None:
-        plot(results).savefig(figure, dpi=120)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plot", type=Path, help="also write the forest plot to this .png")
+    ap.add_argument("results", nargs="+", help="rskd_quality.py .json files, one per seed (at least two)")
+    args = ap.parse_args()
+    if len(args.results) < 2:
+        ap.error("give at least two seeds' .json files")
+    results = [json.loads(Path(p).read_text()) for p in args.results]
+    print(render(results, args.results, "python scripts/rskd_seeds.py " + " ".join(sys.argv[1:])), end="")
+    if args.plot is not None:
+        plot(results).savefig(args.plot, dpi=120)
 
 
 if __name__ == "__main__":
