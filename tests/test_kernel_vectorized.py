@@ -16,7 +16,7 @@ import torch  # noqa: F401  (kdengine._C links against torch's libraries)
 ROW_LOOPS = ("forward_rows_f32", "forward_rows_bf16", "forward_rows_f16",
              "backward_rows_f32", "backward_rows_bf16", "backward_rows_f16")
 PACKED_YMM_MATH = re.compile(r"\tv(?:fn?m(?:add|sub)\d*|mul|add|sub|max)ps\s.*%ymm")
-MIN_PACKED = 20  # the vectorized clones have 42-84 such instructions; the scalar build had 0-1
+MIN_PACKED = 20  # the vectorized clones have 29-84 such instructions; the scalar build had 0-3
 
 
 def _clones(library):
@@ -41,6 +41,6 @@ def test_avx2_clones_of_the_row_loops_are_vectorized():
     clones = _clones(_C.__file__)
     # sparse KL: 3 dtypes x forward/backward; sampled KL: 3 dtypes x forward
     assert len(clones) == 9, sorted(clones)
-    scalar = {name: len(PACKED_YMM_MATH.findall(code)) for name, code in clones.items()
-              if len(PACKED_YMM_MATH.findall(code)) < MIN_PACKED}
+    packed = {name: len(PACKED_YMM_MATH.findall(code)) for name, code in clones.items()}
+    scalar = {name: n for name, n in packed.items() if n < MIN_PACKED}
     assert not scalar, f"AVX2 clones left (nearly) scalar, packed ymm math per clone: {scalar}; is -fno-trapping-math in setup.py?"

@@ -16,7 +16,8 @@ def _uses_a_parser(source):
 
 
 def test_every_runnable_script_has_a_parser():
-    runnable = [p for p in SCRIPTS if _has_main_block(ast.parse(p.read_text()))]
-    assert len(runnable) > 20, [p.name for p in runnable]
-    missing = [p.name for p in runnable if not _uses_a_parser(p.read_text())]
+    sources = {p.name: p.read_text() for p in SCRIPTS}
+    runnable = {name: src for name, src in sources.items() if _has_main_block(ast.parse(src))}
+    assert len(runnable) > 20, sorted(runnable)
+    missing = [name for name, src in runnable.items() if not _uses_a_parser(src)]
     assert not missing, f"scripts without argparse/click (their --help would run them): {missing}"
